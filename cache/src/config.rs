@@ -79,8 +79,16 @@ pub struct HotnessConfig {
     pub write_through_hotness: Option<f64>,
     /// Cost weighting by depth: a block at token depth `d` is worth `1 + d / depth_weight_tokens`
     /// times a block at the root, because recomputing it also pays attention over `d` tokens of
-    /// context. Zero disables the weighting.
+    /// context. Zero (the default) disables the weighting: on the Mooncake conversation trace
+    /// it lowered the hit ratio (0.081 with 30,000 against 0.098 without, single tier of 4,168
+    /// 512-token blocks), because deep blocks are reused less often than their higher recompute
+    /// cost pays back.
     pub depth_weight_tokens: f64,
+    /// Promotion hysteresis, in doublings of value: a host-only node displaces a device node
+    /// only if it is worth `2^promotion_margin` times as much. Without it, a node promoted over
+    /// a slightly colder one sends that one to the host, which can come back the same way: the
+    /// round trips cost PCIe bandwidth and buy nothing.
+    pub promotion_margin: f64,
 }
 
 impl Default for HotnessConfig {
@@ -89,11 +97,10 @@ impl Default for HotnessConfig {
             half_life_s: 600.0,
             admission_floor: 0.5,
             promotion_interval_s: 1.0,
-            promotion_budget_bytes: 2 << 30,
+            promotion_budget_bytes: 256 << 20,
             write_through_hotness: Some(4.0),
-            // For Llama-3.1-8B the attention FLOPs per token (4 * layers * d_model * context)
-            // equal the weight FLOPs (2 * params) at about 30k tokens of context.
-            depth_weight_tokens: 30_000.0,
+            depth_weight_tokens: 0.0,
+            promotion_margin: 1.0,
         }
     }
 }
@@ -172,6 +179,12 @@ impl CacheConfig {
             && !(w.is_finite() && w > 0.0)
         {
             return bad(format!("write_through_hotness must be positive, got {w}"));
+        }
+        if !(h.promotion_margin.is_finite() && h.promotion_margin >= 0.0) {
+            return bad(format!(
+                "promotion_margin must be >= 0, got {}",
+                h.promotion_margin
+            ));
         }
         if !(h.depth_weight_tokens.is_finite() && h.depth_weight_tokens >= 0.0) {
             return bad(format!(

@@ -796,9 +796,11 @@ impl PrefixCache {
         let mut copies = Vec::new();
         let deepest = path.last().copied();
         let mut cut = None;
-        for k in 0..path.len() {
+        let mut k = 0;
+        while k < path.len() {
             let p = path[k];
             let len = self.nodes[p as usize].len();
+            k += 1;
             if self.nodes[p as usize].dev_present() {
                 device_blocks += len;
                 continue;
@@ -815,12 +817,12 @@ impl PrefixCache {
                     };
                     match taken {
                         Some((upper, s)) => {
-                            path[k] = upper;
-                            cut = Some(k + 1);
+                            path[k - 1] = upper;
+                            cut = Some(k);
                             (upper, s)
                         }
                         None => {
-                            cut = Some(k);
+                            cut = Some(k - 1);
                             break;
                         }
                     }
@@ -1144,7 +1146,7 @@ impl PrefixCache {
             let len = self.nodes[cand as usize].len();
             // Lock the path so making room cannot evict the parent the candidate hangs from.
             self.lock_path(cand, 1);
-            let slots = self.take_device(len, now, Some(prio));
+            let slots = self.take_device(len, now, Some(prio - promo.margin));
             self.lock_path(cand, -1);
             let Some(slots) = slots else { break };
             copies.extend(

@@ -1,5 +1,8 @@
 //! Behaviour that tells the policies apart, plus the basic match/insert/transfer life cycle.
 
+// Helpers outside `#[test]` functions panic on purpose when the cache misbehaves.
+#![allow(clippy::unwrap_used)]
+
 use hotprefix_cache::{
     CacheConfig, LeaseState, PolicyKind, PrefixCache, SlotId, TransferCause, TransferKind,
 };

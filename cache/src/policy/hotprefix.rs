@@ -9,7 +9,7 @@
 //!   they cool.
 //! - Promotion: every `promotion_interval_s` the hottest host-only nodes whose parent is on the
 //!   device are loaded back, top-down, while they beat the coldest device leaf, within a byte
-//!   budget.
+//!   budget, and only over device nodes worth `2^promotion_margin` times less (hysteresis).
 //! - Write-through: a device node whose hotness reaches `write_through_hotness` is copied to the
 //!   host while still resident, so its eviction later costs no transfer and no admission.
 
@@ -62,6 +62,7 @@ impl Policy for HotPrefixPolicy {
         Some(Promotion {
             interval_s: self.cfg.promotion_interval_s,
             budget_bytes: self.cfg.promotion_budget_bytes,
+            margin: self.cfg.promotion_margin,
         })
     }
     fn write_through(&self, n: &NodeInfo, now: f64) -> bool {
@@ -91,9 +92,7 @@ mod tests {
 
     #[test]
     fn admission_needs_the_floor_and_to_beat_the_victim() {
-        let mut cfg = HotnessConfig::default();
-        cfg.admission_floor = 1.5;
-        let p = HotPrefixPolicy::new(cfg);
+        let p = HotPrefixPolicy::new(HotnessConfig { admission_floor: 1.5, ..Default::default() });
         let once = info(&[0.0], 0);
         let thrice = info(&[0.0, 1.0, 2.0], 0);
         assert!(
@@ -109,7 +108,10 @@ mod tests {
 
     #[test]
     fn deeper_prefixes_are_worth_more_at_equal_hotness() {
-        let p = HotPrefixPolicy::new(HotnessConfig::default());
+        let p = HotPrefixPolicy::new(HotnessConfig {
+            depth_weight_tokens: 30_000.0,
+            ..HotnessConfig::default()
+        });
         assert!(p.device_priority(&info(&[1.0], 20_000)) > p.device_priority(&info(&[1.0], 16)));
     }
 }

@@ -39,6 +39,9 @@ pub struct Promotion {
     pub interval_s: f64,
     /// Bytes one round may move from host to device.
     pub budget_bytes: u64,
+    /// How much more (in the log2 priority domain) a candidate must be worth than every device
+    /// node it displaces.
+    pub margin: f64,
 }
 
 /// A cache policy. Priorities are "keep" scores: the node with the *lowest* priority in a tier is

@@ -1,0 +1,764 @@
+//! Discrete-event model of a cluster of engine replicas, each driving the real prefix cache.
+//!
+//! Each replica runs the engine's loop: continuous batching with a chunked-prefill token budget,
+//! FCFS admission limited by running requests and by KV blocks (the cache's `allocate`), prefix
+//! matching through the cache (device hits are free, host hits are loaded over the host link),
+//! insertion of every computed prompt block, and the cache's periodic `tick`. Step durations and
+//! transfer durations come from [`CostModel`]; the host link is one FIFO queue per direction.
+//!
+//! Layer-wise overlap: without it, a request that hit host blocks starts its prefill when the
+//! whole load has arrived. With it, prefill starts once the first layer has arrived and the step
+//! that finishes the request's prefill cannot end before the load's end plus one layer's share of
+//! that step (the last layer's compute cannot precede its KV).
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Instant;
+
+use hotprefix_cache::{
+    CacheConfig, CacheStats, HotnessConfig, Lease, LeaseState, PolicyKind, PrefixCache, SlotId,
+    Transfer, TransferId, TransferKind,
+};
+use hotprefix_protocol::BlockHash;
+use thiserror::Error;
+
+use crate::cost::{Chunk, CostModel};
+use crate::trace::Trace;
+
+/// How arrivals are spread over replicas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterKind {
+    /// Replicas in turn.
+    RoundRobin,
+    /// The replica with the fewest requests waiting or running (ties: fewer pending prefill
+    /// tokens, then lowest index).
+    LeastLoad,
+}
+
+impl RouterKind {
+    /// The command-line name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouterKind::RoundRobin => "round-robin",
+            RouterKind::LeastLoad => "least-load",
+        }
+    }
+}
+
+impl fmt::Display for RouterKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RouterKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "round-robin" => Ok(RouterKind::RoundRobin),
+            "least-load" => Ok(RouterKind::LeastLoad),
+            other => Err(format!(
+                "unknown router {other:?}; expected round-robin or least-load"
+            )),
+        }
+    }
+}
+
+/// Everything one simulation run needs besides the trace.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Cache policy of every replica.
+    pub policy: PolicyKind,
+    /// Hotness knobs (the `hotprefix` policy's, and the half-life of reported hotness).
+    pub hotness: HotnessConfig,
+    /// Number of engine replicas.
+    pub replicas: u32,
+    /// Routing across replicas.
+    pub router: RouterKind,
+    /// Timing model.
+    pub cost: CostModel,
+    /// Device KV capacity per replica, tokens.
+    pub device_tokens: u64,
+    /// Host KV capacity per replica, tokens.
+    pub host_tokens: u64,
+    /// Most requests running at once per replica (vLLM's `max_num_seqs` default is 256).
+    pub max_running: usize,
+    /// Tokens per step, prefill chunks and decode tokens together (the chunked-prefill budget;
+    /// SGLang's `chunked_prefill_size` and vLLM's `max_num_batched_tokens` default to 8192 on
+    /// large GPUs).
+    pub step_tokens: u64,
+}
+
+/// Invalid simulation settings.
+#[derive(Debug, Error)]
+pub enum SimError {
+    /// A setting is out of range.
+    #[error("invalid simulation setting: {0}")]
+    Invalid(String),
+    /// The cache rejected its configuration.
+    #[error(transparent)]
+    Cache(#[from] hotprefix_cache::CacheError),
+}
+
+/// What one run measured.
+#[derive(Clone, Debug, Default)]
+pub struct SimResult {
+    /// Requests that completed.
+    pub completed: u64,
+    /// Requests that could never fit a replica's device tier and were refused.
+    pub refused: u64,
+    /// Time to first token of every completed request, seconds, sorted ascending.
+    pub ttft_s: Vec<f64>,
+    /// Mean arrival-to-admission wait, seconds.
+    pub queue_mean_s: f64,
+    /// Mean arrival-to-last-token time, seconds.
+    pub e2e_mean_s: f64,
+    /// Prompt tokens of admitted requests.
+    pub prompt_tokens: u64,
+    /// Prompt tokens found on the device at admission.
+    pub device_hit_tokens: u64,
+    /// Prompt tokens found on the host at admission (and loaded).
+    pub host_hit_tokens: u64,
+    /// Generated tokens.
+    pub output_tokens: u64,
+    /// First arrival to last completion, seconds of simulated time.
+    pub makespan_s: f64,
+    /// Cache counters summed over replicas.
+    pub cache: CacheStats,
+    /// Wall-clock seconds the simulation took.
+    pub wall_s: f64,
+}
+
+impl SimResult {
+    /// Prompt tokens served from either tier, as a fraction of prompt tokens.
+    pub fn hit_ratio(&self) -> f64 {
+        frac(
+            self.device_hit_tokens + self.host_hit_tokens,
+            self.prompt_tokens,
+        )
+    }
+    /// Device share of prompt tokens.
+    pub fn device_hit_ratio(&self) -> f64 {
+        frac(self.device_hit_tokens, self.prompt_tokens)
+    }
+    /// Host share of prompt tokens.
+    pub fn host_hit_ratio(&self) -> f64 {
+        frac(self.host_hit_tokens, self.prompt_tokens)
+    }
+    /// Mean TTFT, seconds.
+    pub fn ttft_mean(&self) -> f64 {
+        if self.ttft_s.is_empty() {
+            return f64::NAN;
+        }
+        self.ttft_s.iter().sum::<f64>() / self.ttft_s.len() as f64
+    }
+    /// TTFT quantile `q` in `[0, 1]` (nearest rank), seconds.
+    pub fn ttft_quantile(&self, q: f64) -> f64 {
+        if self.ttft_s.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((q * self.ttft_s.len() as f64).ceil() as usize).clamp(1, self.ttft_s.len());
+        self.ttft_s[rank - 1]
+    }
+    /// Prompt plus generated tokens per second of makespan.
+    pub fn throughput_tok_s(&self) -> f64 {
+        if self.makespan_s <= 0.0 {
+            return 0.0;
+        }
+        (self.prompt_tokens + self.output_tokens) as f64 / self.makespan_s
+    }
+}
+
+fn frac(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+#[derive(Debug, PartialEq)]
+enum EvKind {
+    Arrival(usize),
+    StepEnd(usize),
+    Wake(usize),
+    TransferDone(usize, TransferId),
+}
+
+#[derive(Debug)]
+struct Ev {
+    t: f64,
+    seq: u64,
+    kind: EvKind,
+}
+
+impl PartialEq for Ev {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Ev {}
+impl PartialOrd for Ev {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Ev {
+    // Reversed, so the max-heap pops the earliest event (FIFO among equal times).
+    fn cmp(&self, o: &Self) -> Ordering {
+        o.t.total_cmp(&self.t).then(o.seq.cmp(&self.seq))
+    }
+}
+
+#[derive(Debug)]
+struct Run {
+    req: usize,
+    lease: Option<Lease>,
+    /// Slots from `allocate` not yet handed to the tree: uncached prompt blocks first, then
+    /// the blocks generated tokens will fill.
+    owned: Vec<SlotId>,
+    /// Prompt tokens still to compute.
+    prefill_left: u64,
+    /// Tokens in KV so far (cached prefix plus computed).
+    context: u64,
+    generated: u32,
+    ready_at: f64,
+    load_end: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Prefill(u64),
+    Decode,
+}
+
+#[derive(Debug)]
+struct Replica {
+    cache: PrefixCache,
+    waiting: VecDeque<usize>,
+    running: Vec<Run>,
+    step: Vec<(usize, Work)>,
+    busy: bool,
+    wake_at: Option<f64>,
+    blocked: bool,
+    h2d_free: f64,
+    d2h_free: f64,
+    loads: HashMap<TransferId, (f64, f64)>,
+    pending_prefill: u64,
+}
+
+struct Sim<'a> {
+    trace: &'a Trace,
+    hashes: Vec<Vec<BlockHash>>,
+    cfg: &'a SimConfig,
+    reps: Vec<Replica>,
+    events: BinaryHeap<Ev>,
+    seq: u64,
+    rr: usize,
+    block_tokens: u64,
+    device_blocks: u64,
+    res: SimResult,
+    queue_sum: f64,
+    e2e_sum: f64,
+    last_finish: f64,
+    progress: Option<&'a dyn Fn(u64)>,
+}
+
+/// Replays `trace` through the cluster described by `cfg`. `progress` is called with the number
+/// of requests finished since its previous call.
+pub fn simulate(
+    trace: &Trace,
+    cfg: &SimConfig,
+    progress: Option<&dyn Fn(u64)>,
+) -> Result<SimResult, SimError> {
+    if cfg.replicas == 0 {
+        return Err(SimError::Invalid("replicas must be at least 1".into()));
+    }
+    if cfg.max_running == 0 || cfg.step_tokens == 0 {
+        return Err(SimError::Invalid(
+            "max_running and step_tokens must be at least 1".into(),
+        ));
+    }
+    let block_tokens = u64::from(trace.block_tokens.max(1));
+    let device_blocks = cfg.device_tokens / block_tokens;
+    let host_blocks = cfg.host_tokens / block_tokens;
+    if device_blocks == 0 {
+        return Err(SimError::Invalid(format!(
+            "device capacity of {} tokens holds no {block_tokens}-token block",
+            cfg.device_tokens
+        )));
+    }
+    let to_u32 = |b: u64, what: &str| {
+        u32::try_from(b)
+            .map_err(|_| SimError::Invalid(format!("{what} capacity of {b} blocks is too large")))
+    };
+    let mut cache_cfg = CacheConfig::new(
+        cfg.policy,
+        block_tokens as usize,
+        block_tokens * cfg.cost.model.kv_bytes_per_token,
+        to_u32(device_blocks, "device")?,
+        to_u32(host_blocks, "host")?,
+    );
+    cache_cfg.hotness = cfg.hotness.clone();
+    let mut reps = Vec::with_capacity(cfg.replicas as usize);
+    for _ in 0..cfg.replicas {
+        reps.push(Replica {
+            cache: PrefixCache::new(cache_cfg.clone())?,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            step: Vec::new(),
+            busy: false,
+            wake_at: None,
+            blocked: false,
+            h2d_free: 0.0,
+            d2h_free: 0.0,
+            loads: HashMap::new(),
+            pending_prefill: 0,
+        });
+    }
+    let started = Instant::now();
+    let mut sim = Sim {
+        trace,
+        hashes: trace
+            .requests
+            .iter()
+            .map(|r| r.blocks.iter().map(|&b| BlockHash(b)).collect())
+            .collect(),
+        cfg,
+        reps,
+        events: BinaryHeap::new(),
+        seq: 0,
+        rr: 0,
+        block_tokens,
+        device_blocks,
+        res: SimResult::default(),
+        queue_sum: 0.0,
+        e2e_sum: 0.0,
+        last_finish: 0.0,
+        progress,
+    };
+    for (i, r) in trace.requests.iter().enumerate() {
+        sim.push(r.arrival_s, EvKind::Arrival(i));
+    }
+    sim.run();
+    let mut res = sim.res;
+    res.ttft_s.sort_by(f64::total_cmp);
+    let n = res.completed.max(1) as f64;
+    res.queue_mean_s = sim.queue_sum / n;
+    res.e2e_mean_s = sim.e2e_sum / n;
+    let first = trace.requests.first().map_or(0.0, |r| r.arrival_s);
+    res.makespan_s = (sim.last_finish - first).max(0.0);
+    for r in &sim.reps {
+        res.cache.add(r.cache.stats());
+    }
+    res.wall_s = started.elapsed().as_secs_f64();
+    Ok(res)
+}
+
+impl Sim<'_> {
+    fn push(&mut self, t: f64, kind: EvKind) {
+        self.seq += 1;
+        self.events.push(Ev {
+            t,
+            seq: self.seq,
+            kind,
+        });
+    }
+
+    fn run(&mut self) {
+        while let Some(ev) = self.events.pop() {
+            let now = ev.t;
+            match ev.kind {
+                EvKind::Arrival(q) => {
+                    let r = self.route(q);
+                    self.reps[r].waiting.push_back(q);
+                    self.reps[r].pending_prefill += u64::from(self.trace.requests[q].input_tokens);
+                    if !self.reps[r].busy {
+                        self.plan(r, now);
+                    }
+                }
+                EvKind::StepEnd(r) => {
+                    self.finish_step(r, now);
+                    self.plan(r, now);
+                }
+                EvKind::Wake(r) => {
+                    if !self.reps[r].busy && self.reps[r].wake_at == Some(now) {
+                        self.plan(r, now);
+                    }
+                }
+                EvKind::TransferDone(r, id) => {
+                    self.reps[r].cache.complete_transfer(id);
+                    self.reps[r].loads.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn route(&mut self, _q: usize) -> usize {
+        let n = self.reps.len();
+        match self.cfg.router {
+            RouterKind::RoundRobin => {
+                let r = self.rr % n;
+                self.rr += 1;
+                r
+            }
+            RouterKind::LeastLoad => (0..n)
+                .min_by_key(|&i| {
+                    let rep = &self.reps[i];
+                    (
+                        rep.waiting.len() + rep.running.len(),
+                        rep.pending_prefill,
+                        i,
+                    )
+                })
+                .unwrap_or(0),
+        }
+    }
+
+    /// Puts the cache's planned copies on the host link queues.
+    fn schedule_transfers(&mut self, r: usize, now: f64) {
+        let transfers: Vec<Transfer> = self.reps[r].cache.take_transfers();
+        let block_bytes = self.reps[r].cache.config().block_bytes;
+        for t in transfers {
+            let dur = self
+                .cfg
+                .cost
+                .transfer_time(t.copies.len() as u64 * block_bytes);
+            let rep = &mut self.reps[r];
+            let link = match t.kind {
+                TransferKind::Load => &mut rep.h2d_free,
+                TransferKind::Store => &mut rep.d2h_free,
+            };
+            let start = link.max(now);
+            let end = start + dur;
+            *link = end;
+            if t.kind == TransferKind::Load {
+                rep.loads.insert(t.id, (start, end));
+            }
+            self.push(end, EvKind::TransferDone(r, t.id));
+        }
+    }
+
+    fn admit(&mut self, r: usize, now: f64) {
+        let bt = self.block_tokens;
+        let layers = f64::from(self.cfg.cost.model.layers);
+        let trace = self.trace;
+        while !self.reps[r].blocked && self.reps[r].running.len() < self.cfg.max_running {
+            let Some(&q) = self.reps[r].waiting.front() else {
+                break;
+            };
+            let req = &trace.requests[q];
+            let input = u64::from(req.input_tokens);
+            let total_blocks = (input + u64::from(req.output_tokens))
+                .div_ceil(bt)
+                .max(req.blocks.len() as u64);
+            if total_blocks > self.device_blocks {
+                self.reps[r].waiting.pop_front();
+                self.reps[r].pending_prefill -= input;
+                self.res.refused += 1;
+                continue;
+            }
+            let m = self.reps[r]
+                .cache
+                .match_hashes(&self.hashes[q], input as usize, now);
+            self.schedule_transfers(r, now);
+            let need = total_blocks as usize - m.blocks();
+            let owned = match self.reps[r].cache.allocate(need, now) {
+                Ok(s) => s,
+                Err(_) => {
+                    // Memory is full of running requests: wait for one to finish.
+                    self.reps[r].cache.release(m.lease);
+                    self.schedule_transfers(r, now);
+                    self.reps[r].blocked = true;
+                    break;
+                }
+            };
+            self.schedule_transfers(r, now);
+            let rep = &mut self.reps[r];
+            rep.waiting.pop_front();
+            let (mut load_start, mut load_end) = m
+                .load
+                .and_then(|t| rep.loads.get(&t).copied())
+                .unwrap_or((now, now));
+            if m.load.is_none() && rep.cache.lease_state(&m.lease) == LeaseState::Loading {
+                // Blocks being promoted: wait for the promotion queued ahead on the link.
+                (load_start, load_end) = (now, rep.h2d_free.max(now));
+            }
+            let ready_at = if self.cfg.cost.layerwise_overlap {
+                load_start + (load_end - load_start) / layers
+            } else {
+                load_end
+            };
+            let cached = m.cached_tokens as u64;
+            let dev = (m.device_blocks as u64 * bt).min(input);
+            self.res.prompt_tokens += input;
+            self.res.device_hit_tokens += dev;
+            self.res.host_hit_tokens += cached - dev;
+            self.queue_sum += now - req.arrival_s;
+            // A fully cached prompt still computes its last token to produce logits.
+            let prefill = (input - cached).max(1);
+            rep.running.push(Run {
+                req: q,
+                lease: Some(m.lease),
+                owned,
+                prefill_left: prefill,
+                context: input - prefill,
+                generated: 0,
+                ready_at,
+                load_end,
+            });
+        }
+    }
+
+    fn plan(&mut self, r: usize, now: f64) {
+        self.reps[r].cache.tick(now);
+        self.schedule_transfers(r, now);
+        self.admit(r, now);
+        let rep = &mut self.reps[r];
+        rep.step.clear();
+        let mut budget = self.cfg.step_tokens;
+        let mut decodes = Vec::new();
+        let mut chunks = Vec::new();
+        let mut finish_after = now;
+        // Decode first: one token each, so running requests keep streaming (as vLLM's and
+        // SGLang's schedulers do under chunked prefill).
+        for (i, run) in rep.running.iter().enumerate() {
+            if run.prefill_left == 0 && budget > 0 {
+                decodes.push(run.context);
+                rep.step.push((i, Work::Decode));
+                budget -= 1;
+            }
+        }
+        let mut next_ready = f64::INFINITY;
+        for (i, run) in rep.running.iter().enumerate() {
+            if run.prefill_left == 0 {
+                continue;
+            }
+            if run.ready_at > now {
+                next_ready = next_ready.min(run.ready_at);
+                continue;
+            }
+            if budget == 0 {
+                break;
+            }
+            let n = run.prefill_left.min(budget);
+            budget -= n;
+            chunks.push(Chunk {
+                new: n,
+                context: run.context,
+            });
+            rep.step.push((i, Work::Prefill(n)));
+            if n == run.prefill_left && run.load_end > now {
+                finish_after = finish_after.max(run.load_end);
+            }
+        }
+        if rep.step.is_empty() {
+            rep.busy = false;
+            rep.wake_at = next_ready.is_finite().then_some(next_ready);
+            if let Some(t) = rep.wake_at {
+                self.push(t, EvKind::Wake(r));
+            }
+            return;
+        }
+        let dur = self.cfg.cost.step_time(&chunks, &decodes);
+        let layers = f64::from(self.cfg.cost.model.layers);
+        let end = (now + dur).max(finish_after + dur / layers);
+        rep.busy = true;
+        rep.wake_at = None;
+        self.push(end, EvKind::StepEnd(r));
+    }
+
+    fn finish_step(&mut self, r: usize, now: f64) {
+        let step = std::mem::take(&mut self.reps[r].step);
+        let trace = self.trace;
+        let mut finished = 0;
+        for (i, work) in step {
+            let q = self.reps[r].running[i].req;
+            let req = &trace.requests[q];
+            match work {
+                Work::Prefill(n) => {
+                    let rep = &mut self.reps[r];
+                    let run = &mut rep.running[i];
+                    run.prefill_left -= n;
+                    run.context += n;
+                    if run.prefill_left == 0 {
+                        rep.pending_prefill -= u64::from(req.input_tokens);
+                        run.generated = 1;
+                        self.res.ttft_s.push(now - req.arrival_s);
+                        self.insert_prompt(r, i, now);
+                    }
+                }
+                Work::Decode => {
+                    let run = &mut self.reps[r].running[i];
+                    run.generated += 1;
+                    run.context += 1;
+                }
+            }
+            let run = &self.reps[r].running[i];
+            if run.prefill_left == 0 && run.generated >= req.output_tokens.max(1) {
+                finished += 1;
+            }
+        }
+        if finished > 0 {
+            let rep = &mut self.reps[r];
+            let mut i = 0;
+            while i < rep.running.len() {
+                let run = &rep.running[i];
+                let req = &trace.requests[run.req];
+                if run.prefill_left == 0 && run.generated >= req.output_tokens.max(1) {
+                    let mut run = rep.running.swap_remove(i);
+                    if let Some(lease) = run.lease.take() {
+                        rep.cache.release(lease);
+                    }
+                    rep.cache.free(std::mem::take(&mut run.owned));
+                    self.res.completed += 1;
+                    self.res.output_tokens += u64::from(run.generated);
+                    self.e2e_sum += now - req.arrival_s;
+                    self.last_finish = self.last_finish.max(now);
+                } else {
+                    i += 1;
+                }
+            }
+            // swap_remove reorders; keep admission order for fair chunking.
+            rep.running.sort_by_key(|run| run.req);
+            rep.blocked = false;
+            if let Some(p) = self.progress {
+                p(finished);
+            }
+        }
+        self.schedule_transfers(r, now);
+    }
+
+    /// Hands the request's computed prompt blocks to the cache.
+    fn insert_prompt(&mut self, r: usize, i: usize, now: f64) {
+        let rep = &mut self.reps[r];
+        let run = &mut rep.running[i];
+        let Some(lease) = run.lease.as_mut() else {
+            return;
+        };
+        let hashes = &self.hashes[run.req];
+        let start = lease.blocks();
+        if start >= hashes.len() {
+            return;
+        }
+        let n = hashes.len() - start;
+        if let Ok(ins) = rep
+            .cache
+            .insert(lease, &hashes[start..], &run.owned[..n], now)
+        {
+            run.owned.drain(..ins.merged);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::{GpuSpec, ModelSpec};
+    use crate::trace::{Trace, TraceRequest};
+
+    fn cfg(policy: PolicyKind, device_tokens: u64, host_tokens: u64) -> SimConfig {
+        SimConfig {
+            policy,
+            hotness: HotnessConfig::default(),
+            replicas: 1,
+            router: RouterKind::RoundRobin,
+            cost: CostModel::new(ModelSpec::LLAMA_3_1_8B, GpuSpec::H100),
+            device_tokens,
+            host_tokens,
+            max_running: 256,
+            step_tokens: 8192,
+        }
+    }
+
+    fn req(t: f64, blocks: &[u64], output: u32) -> TraceRequest {
+        TraceRequest {
+            arrival_s: t,
+            input_tokens: blocks.len() as u32 * 512,
+            output_tokens: output,
+            blocks: blocks.to_vec(),
+        }
+    }
+
+    fn trace(requests: Vec<TraceRequest>) -> Trace {
+        Trace {
+            name: "t".into(),
+            block_tokens: 512,
+            requests,
+        }
+    }
+
+    #[test]
+    fn a_repeated_prompt_hits_and_gets_a_shorter_ttft() {
+        let t = trace(vec![
+            req(0.0, &[1, 2, 3, 4], 2),
+            req(10.0, &[1, 2, 3, 4], 2),
+        ]);
+        let res = simulate(&t, &cfg(PolicyKind::Lru, 100_000, 0), None).unwrap();
+        assert_eq!(res.completed, 2);
+        assert_eq!(res.device_hit_tokens, 2048);
+        assert!((res.hit_ratio() - 0.5).abs() < 1e-9);
+        assert!(res.ttft_s[0] < res.ttft_s[1] / 10.0, "{:?}", res.ttft_s);
+    }
+
+    #[test]
+    fn host_hits_are_loaded_and_counted() {
+        // Device of 4 blocks: the second prompt evicts the first, which lru-offload keeps on host.
+        let t = trace(vec![
+            req(0.0, &[1, 2, 3], 1),
+            req(10.0, &[7, 8, 9], 1),
+            req(20.0, &[1, 2, 3], 1),
+        ]);
+        let res = simulate(&t, &cfg(PolicyKind::LruOffload, 4 * 512, 16 * 512), None).unwrap();
+        assert_eq!(res.completed, 3);
+        assert_eq!(res.host_hit_tokens, 3 * 512);
+        assert!(res.cache.h2d_bytes >= 3 * 512 * 131_072);
+        let lru = simulate(&t, &cfg(PolicyKind::Lru, 4 * 512, 16 * 512), None).unwrap();
+        assert_eq!(lru.host_hit_tokens, 0);
+        assert!(
+            res.ttft_s[0] < lru.ttft_s[2],
+            "a host hit beats recomputing"
+        );
+    }
+
+    #[test]
+    fn requests_larger_than_the_device_are_refused_not_stuck() {
+        let t = trace(vec![req(0.0, &[1, 2, 3, 4, 5], 1), req(1.0, &[6], 1)]);
+        let res = simulate(&t, &cfg(PolicyKind::HotPrefix, 4 * 512, 0), None).unwrap();
+        assert_eq!(res.refused, 1);
+        assert_eq!(res.completed, 1);
+    }
+
+    #[test]
+    fn load_beyond_capacity_queues_instead_of_failing() {
+        let reqs: Vec<_> = (0..200)
+            .map(|i| req(0.0, &[1000 + i, 2000 + i], 50))
+            .collect();
+        let res = simulate(
+            &trace(reqs),
+            &cfg(PolicyKind::HotPrefix, 16 * 512, 64 * 512),
+            None,
+        )
+        .unwrap();
+        assert_eq!(res.completed, 200);
+        assert!(res.queue_mean_s > 0.0);
+    }
+
+    #[test]
+    fn least_load_spreads_a_burst() {
+        let reqs: Vec<_> = (0..8).map(|i| req(0.0, &[i], 100)).collect();
+        let mut c = cfg(PolicyKind::Lru, 100_000, 0);
+        c.replicas = 4;
+        c.router = RouterKind::LeastLoad;
+        let spread = simulate(&trace(reqs.clone()), &c, None).unwrap();
+        c.replicas = 1;
+        let single = simulate(&trace(reqs), &c, None).unwrap();
+        assert!(spread.makespan_s < single.makespan_s);
+    }
+
+    #[test]
+    fn router_names_round_trip() {
+        for r in [RouterKind::RoundRobin, RouterKind::LeastLoad] {
+            assert_eq!(r.as_str().parse::<RouterKind>().unwrap(), r);
+        }
+        assert!("random".parse::<RouterKind>().is_err());
+    }
+}

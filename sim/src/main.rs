@@ -1,0 +1,602 @@
+//! `hotprefix-bench`: command line of the simulator (`sim`, `sweep`) and the workload generators
+//! (`gen`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use hotprefix_cache::{HotnessConfig, PolicyKind};
+use hotprefix_sim::cluster::{RouterKind, SimConfig, SimResult, simulate};
+use hotprefix_sim::cost::{CostModel, GpuSpec, ModelSpec};
+use hotprefix_sim::optimal::belady;
+use hotprefix_sim::report::{ResultRow, markdown_table, plot_bars, plot_lines, write_csv};
+use hotprefix_sim::trace::Trace;
+use hotprefix_sim::workload::{GeneratedSharedPrefix, ZipfSessions};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hotprefix-bench",
+    version,
+    about = "HotPrefix trace-driven simulator and workload generator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Replay one trace through N replicas for each policy and print the comparison table.
+    Sim(SimArgs),
+    /// Run a grid of device capacities and load levels for each policy; write CSV and plots.
+    Sweep(SweepArgs),
+    /// Write a generated workload as a Mooncake-format JSONL trace.
+    Gen(GenArgs),
+}
+
+/// A cache policy or the offline bound.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum PolicyArg {
+    Cache(PolicyKind),
+    Optimal,
+}
+
+impl PolicyArg {
+    fn name(self) -> &'static str {
+        match self {
+            PolicyArg::Cache(p) => p.as_str(),
+            PolicyArg::Optimal => "optimal",
+        }
+    }
+}
+
+fn parse_policy(s: &str) -> Result<PolicyArg, String> {
+    if s == "optimal" {
+        return Ok(PolicyArg::Optimal);
+    }
+    s.parse::<PolicyKind>().map(PolicyArg::Cache).map_err(|_| {
+        format!(
+            "unknown policy {s:?}; expected hotprefix, lru, lru-offload, reuse-offload or optimal"
+        )
+    })
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Trace file in Mooncake JSONL format, or `gen:shared-prefix` / `gen:zipf-sessions` for a
+    /// generated workload with default parameters and `--seed`.
+    #[arg(long)]
+    trace: String,
+    /// Comma-separated policies: hotprefix, lru, lru-offload, reuse-offload, optimal.
+    #[arg(long, value_delimiter = ',', value_parser = parse_policy,
+          default_value = "hotprefix,lru,lru-offload,reuse-offload,optimal")]
+    policy: Vec<PolicyArg>,
+    /// Engine replicas.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    replicas: u32,
+    /// Routing across replicas: round-robin or least-load.
+    #[arg(long, default_value = "round-robin")]
+    router: RouterKind,
+    /// Model preset: llama-3.1-8b or qwen2.5-7b.
+    #[arg(long, default_value = "llama-3.1-8b")]
+    model: ModelSpec,
+    /// GPU preset: h100 or h200.
+    #[arg(long, default_value = "h100")]
+    gpu: GpuSpec,
+    /// Seed for generated workloads.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder for results.csv and plots.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Half-life of hotness, seconds.
+    #[arg(long, default_value_t = HotnessConfig::default().half_life_s)]
+    half_life: f64,
+    /// `hotprefix`: minimum decayed hotness for admission to the host tier.
+    #[arg(long, default_value_t = HotnessConfig::default().admission_floor)]
+    admission_floor: f64,
+    /// `hotprefix`: depth weighting scale in tokens (0 turns it off).
+    #[arg(long, default_value_t = HotnessConfig::default().depth_weight_tokens)]
+    depth_weight_tokens: f64,
+    /// `hotprefix`: hotness at which device nodes are written through to host (0 turns it off).
+    #[arg(long, default_value_t = HotnessConfig::default().write_through_hotness.unwrap_or(0.0))]
+    write_through: f64,
+    /// `hotprefix`: bytes promoted host to device per promotion interval (0 turns it off).
+    #[arg(long, default_value_t = HotnessConfig::default().promotion_budget_bytes)]
+    promotion_budget: u64,
+    /// Turn off layer-wise overlap of host-tier loads with compute.
+    #[arg(long)]
+    no_overlap: bool,
+    /// Most running requests per replica.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    max_running: u64,
+    /// Tokens per engine step (chunked-prefill budget).
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
+    step_tokens: u64,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct SimArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Device KV capacity per replica, tokens (default: what the GPU holds after the weights).
+    #[arg(long)]
+    device_tokens: Option<u64>,
+    /// Host KV capacity per replica, tokens (default: 4x the device capacity).
+    #[arg(long)]
+    host_tokens: Option<u64>,
+    /// Arrival-rate multiplier: 2 replays the trace twice as fast.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+}
+
+#[derive(Args, Debug)]
+struct SweepArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Device capacities per replica to sweep, tokens.
+    #[arg(long, value_delimiter = ',', required = true)]
+    device_tokens: Vec<u64>,
+    /// Host capacity as a multiple of the device capacity.
+    #[arg(long, default_value_t = 4.0)]
+    host_ratio: f64,
+    /// Arrival-rate multipliers to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    time_scale: Vec<f64>,
+}
+
+#[derive(Args, Debug)]
+struct GenArgs {
+    /// Which generator: shared-prefix or zipf-sessions.
+    kind: String,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Sim(a) => cmd_sim(a),
+        Cmd::Sweep(a) => cmd_sweep(a),
+        Cmd::Gen(a) => cmd_gen(a),
+    };
+    if let Err(e) = res {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load_trace(spec: &str, seed: u64) -> Result<Trace> {
+    match spec {
+        "gen:shared-prefix" => Ok(GeneratedSharedPrefix {
+            seed,
+            ..Default::default()
+        }
+        .generate()?),
+        "gen:zipf-sessions" => Ok(ZipfSessions {
+            seed,
+            ..Default::default()
+        }
+        .generate()?),
+        s if s.starts_with("gen:") => {
+            bail!("unknown generator {s:?}; expected gen:shared-prefix or gen:zipf-sessions")
+        }
+        path => Trace::load(Path::new(path)).with_context(|| format!("cannot use trace {path}")),
+    }
+}
+
+fn check_scale(f: f64) -> Result<()> {
+    if !(f.is_finite() && f > 0.0) {
+        bail!("--time-scale must be a positive number, got {f}");
+    }
+    Ok(())
+}
+
+/// One point of a run grid.
+#[derive(Clone, Copy, Debug)]
+struct Point {
+    policy: PolicyArg,
+    device_tokens: u64,
+    host_tokens: u64,
+    time_scale: f64,
+}
+
+fn sim_config(c: &Common, p: &Point) -> SimConfig {
+    let mut cost = CostModel::new(c.model.clone(), c.gpu.clone());
+    cost.layerwise_overlap = !c.no_overlap;
+    let hotness = HotnessConfig {
+        half_life_s: c.half_life,
+        admission_floor: c.admission_floor,
+        depth_weight_tokens: c.depth_weight_tokens,
+        write_through_hotness: (c.write_through > 0.0).then_some(c.write_through),
+        promotion_budget_bytes: c.promotion_budget,
+        ..HotnessConfig::default()
+    };
+    SimConfig {
+        policy: match p.policy {
+            PolicyArg::Cache(k) => k,
+            PolicyArg::Optimal => PolicyKind::Lru,
+        },
+        hotness,
+        replicas: c.replicas,
+        router: c.router,
+        cost,
+        device_tokens: p.device_tokens,
+        host_tokens: p.host_tokens,
+        max_running: usize::try_from(c.max_running).unwrap_or(usize::MAX),
+        step_tokens: c.step_tokens,
+    }
+}
+
+fn run_point(c: &Common, trace: &Trace, p: &Point, progress: &dyn Fn(u64)) -> Result<ResultRow> {
+    let scaled = if p.time_scale == 1.0 {
+        trace.clone()
+    } else {
+        trace.scaled(p.time_scale)
+    };
+    let cfg = sim_config(c, p);
+    let mut row = ResultRow {
+        policy: p.policy.name().to_string(),
+        router: c.router.to_string(),
+        replicas: c.replicas,
+        device_tokens: p.device_tokens,
+        host_tokens: p.host_tokens,
+        time_scale: p.time_scale,
+        requests: trace.requests.len() as u64,
+        trace: trace.name.clone(),
+        model: c.model.name.to_string(),
+        gpu: c.gpu.name.to_string(),
+        ..Default::default()
+    };
+    if p.policy == PolicyArg::Optimal {
+        let started = std::time::Instant::now();
+        let blocks = (p.device_tokens + p.host_tokens) / u64::from(trace.block_tokens.max(1))
+            * u64::from(c.replicas);
+        let o = belady(&scaled, blocks);
+        progress(trace.requests.len() as u64);
+        row.hit_ratio = o.hit_ratio();
+        for v in [
+            &mut row.ttft_mean_s,
+            &mut row.ttft_p50_s,
+            &mut row.ttft_p99_s,
+        ] {
+            *v = f64::NAN;
+        }
+        row.device_hit_ratio = f64::NAN;
+        row.host_hit_ratio = f64::NAN;
+        row.throughput_tok_s = f64::NAN;
+        row.e2e_mean_s = f64::NAN;
+        row.queue_mean_s = f64::NAN;
+        row.sim_wall_s = started.elapsed().as_secs_f64();
+        return Ok(row);
+    }
+    let r: SimResult = simulate(&scaled, &cfg, Some(progress))?;
+    progress(r.refused);
+    row.requests = r.completed;
+    row.hit_ratio = r.hit_ratio();
+    row.device_hit_ratio = r.device_hit_ratio();
+    row.host_hit_ratio = r.host_hit_ratio();
+    row.ttft_mean_s = r.ttft_mean();
+    row.ttft_p50_s = r.ttft_quantile(0.5);
+    row.ttft_p99_s = r.ttft_quantile(0.99);
+    row.throughput_tok_s = r.throughput_tok_s();
+    row.h2d_bytes = r.cache.h2d_bytes;
+    row.d2h_bytes = r.cache.d2h_bytes;
+    row.e2e_mean_s = r.e2e_mean_s;
+    row.queue_mean_s = r.queue_mean_s;
+    row.device_evictions = r.cache.device_evicted_blocks;
+    row.host_evictions = r.cache.host_evicted_blocks;
+    row.admissions = r.cache.admitted_blocks;
+    row.rejections = r.cache.rejected_blocks;
+    row.promotions = r.cache.promoted_blocks;
+    row.sim_wall_s = r.wall_s;
+    if r.refused > 0 {
+        eprintln!(
+            "warning: {} request(s) of {} are larger than the device tier of {} tokens and were refused",
+            r.refused, trace.name, p.device_tokens
+        );
+    }
+    Ok(row)
+}
+
+/// Runs every point, using every core, and returns rows in the order of `points`.
+fn run_grid(c: &Common, trace: &Trace, points: &[Point]) -> Result<Vec<ResultRow>> {
+    let total = trace.requests.len() as u64 * points.len() as u64;
+    let bar = if c.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_draw_target(if c.quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
+    if let Ok(style) = ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:40}] {pos}/{len} requests ({eta} left)",
+    ) {
+        bar.set_style(style);
+    }
+    let progress = |n: u64| bar.inc(n);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(points.len().max(1));
+    let next = Mutex::new(0usize);
+    let results: Mutex<Vec<Option<Result<ResultRow>>>> =
+        Mutex::new((0..points.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = {
+                        let Ok(mut n) = next.lock() else { return };
+                        let i = *n;
+                        *n += 1;
+                        i
+                    };
+                    let Some(p) = points.get(i) else { return };
+                    let r = run_point(c, trace, p, &progress);
+                    if let Ok(mut out) = results.lock() {
+                        out[i] = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    let results = results
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("a simulation thread panicked"))?;
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a simulation thread panicked"))))
+        .collect()
+}
+
+fn cmd_sim(a: SimArgs) -> Result<()> {
+    check_scale(a.time_scale)?;
+    let trace = load_trace(&a.common.trace, a.common.seed)?;
+    let cost = CostModel::new(a.common.model.clone(), a.common.gpu.clone());
+    let device_tokens = a
+        .device_tokens
+        .unwrap_or_else(|| cost.default_device_tokens());
+    let host_tokens = a.host_tokens.unwrap_or(device_tokens.saturating_mul(4));
+    let points: Vec<Point> = a
+        .common
+        .policy
+        .iter()
+        .map(|&policy| Point {
+            policy,
+            device_tokens,
+            host_tokens,
+            time_scale: a.time_scale,
+        })
+        .collect();
+    let rows = run_grid(&a.common, &trace, &points)?;
+    println!(
+        "trace {} ({} requests), {} x {} on {}, router {}, device {} tokens, host {} tokens, time scale {}\n",
+        trace.name,
+        trace.requests.len(),
+        a.common.replicas,
+        a.common.model.name,
+        a.common.gpu.name,
+        a.common.router,
+        device_tokens,
+        host_tokens,
+        a.time_scale
+    );
+    print!("{}", markdown_table(&rows));
+    if let Some(out) = &a.common.out {
+        write_results(out, &rows)?;
+        plot_policies(out, &rows)?;
+        eprintln!("wrote {}", out.join("results.csv").display());
+    }
+    Ok(())
+}
+
+fn write_results(out: &Path, rows: &[ResultRow]) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    write_csv(&out.join("results.csv"), rows)?;
+    Ok(())
+}
+
+/// Bar charts comparing the policies of one grid point.
+fn plot_policies(out: &Path, rows: &[ResultRow]) -> Result<()> {
+    let sim_rows: Vec<&ResultRow> = rows.iter().filter(|r| r.policy != "optimal").collect();
+    let cats: Vec<String> = rows.iter().map(|r| r.policy.clone()).collect();
+    let hit = |f: fn(&ResultRow) -> f64| {
+        rows.iter()
+            .map(|r| if f(r).is_nan() { 0.0 } else { f(r) })
+            .collect()
+    };
+    plot_bars(
+        &out.join("hit_ratio.png"),
+        "Prompt tokens served from cache",
+        "hit ratio",
+        &cats,
+        &[
+            ("total".into(), hit(|r| r.hit_ratio)),
+            ("device".into(), hit(|r| r.device_hit_ratio)),
+            ("host".into(), hit(|r| r.host_hit_ratio)),
+        ],
+    )?;
+    if sim_rows.is_empty() {
+        return Ok(());
+    }
+    let cats: Vec<String> = sim_rows.iter().map(|r| r.policy.clone()).collect();
+    plot_bars(
+        &out.join("ttft.png"),
+        "Time to first token",
+        "seconds",
+        &cats,
+        &[
+            (
+                "mean".into(),
+                sim_rows.iter().map(|r| r.ttft_mean_s).collect(),
+            ),
+            (
+                "p50".into(),
+                sim_rows.iter().map(|r| r.ttft_p50_s).collect(),
+            ),
+            (
+                "p99".into(),
+                sim_rows.iter().map(|r| r.ttft_p99_s).collect(),
+            ),
+        ],
+    )?;
+    plot_bars(
+        &out.join("bytes.png"),
+        "Bytes moved between tiers",
+        "GiB",
+        &cats,
+        &[
+            (
+                "host to device".into(),
+                sim_rows
+                    .iter()
+                    .map(|r| r.h2d_bytes as f64 / (1u64 << 30) as f64)
+                    .collect(),
+            ),
+            (
+                "device to host".into(),
+                sim_rows
+                    .iter()
+                    .map(|r| r.d2h_bytes as f64 / (1u64 << 30) as f64)
+                    .collect(),
+            ),
+        ],
+    )?;
+    Ok(())
+}
+
+fn cmd_sweep(a: SweepArgs) -> Result<()> {
+    for &f in &a.time_scale {
+        check_scale(f)?;
+    }
+    if !(a.host_ratio.is_finite() && a.host_ratio >= 0.0) {
+        bail!(
+            "--host-ratio must be a non-negative number, got {}",
+            a.host_ratio
+        );
+    }
+    let trace = load_trace(&a.common.trace, a.common.seed)?;
+    let mut points = Vec::new();
+    for &time_scale in &a.time_scale {
+        for &device_tokens in &a.device_tokens {
+            let host_tokens = (device_tokens as f64 * a.host_ratio) as u64;
+            for &policy in &a.common.policy {
+                // The offline bound ignores time: compute it once per capacity.
+                if policy == PolicyArg::Optimal && time_scale != a.time_scale[0] {
+                    continue;
+                }
+                points.push(Point {
+                    policy,
+                    device_tokens,
+                    host_tokens,
+                    time_scale,
+                });
+            }
+        }
+    }
+    let rows = run_grid(&a.common, &trace, &points)?;
+    println!(
+        "trace {} ({} requests), {} x {} on {}, router {}, host = {}x device\n",
+        trace.name,
+        trace.requests.len(),
+        a.common.replicas,
+        a.common.model.name,
+        a.common.gpu.name,
+        a.common.router,
+        a.host_ratio
+    );
+    print!("{}", markdown_table(&rows));
+    if let Some(out) = &a.common.out {
+        write_results(out, &rows)?;
+        plot_sweep(out, &rows, &a)?;
+        eprintln!("wrote {}", out.join("results.csv").display());
+    }
+    Ok(())
+}
+
+fn plot_sweep(out: &Path, rows: &[ResultRow], a: &SweepArgs) -> Result<()> {
+    let names: Vec<&str> = a.common.policy.iter().map(|p| p.name()).collect();
+    let series = |f: &dyn Fn(&ResultRow) -> Option<(f64, f64)>| -> Vec<(String, Vec<(f64, f64)>)> {
+        names
+            .iter()
+            .map(|n| {
+                let pts = rows
+                    .iter()
+                    .filter(|r| r.policy == *n)
+                    .filter_map(f)
+                    .filter(|p| p.1.is_finite())
+                    .collect();
+                (n.to_string(), pts)
+            })
+            .filter(|(_, pts): &(String, Vec<(f64, f64)>)| !pts.is_empty())
+            .collect()
+    };
+    let ts0 = a.time_scale[0];
+    plot_lines(
+        &out.join("hit_ratio_vs_capacity.png"),
+        "Hit ratio vs device capacity (host = device x ratio)",
+        "device tokens per replica",
+        "hit ratio",
+        &series(&|r| {
+            (r.policy == "optimal" || r.time_scale == ts0)
+                .then_some((r.device_tokens as f64, r.hit_ratio))
+        }),
+        true,
+    )?;
+    for &ts in &a.time_scale {
+        plot_lines(
+            &out.join(format!("ttft_vs_capacity_x{ts}.png")),
+            &format!("Mean TTFT vs device capacity, time scale {ts}"),
+            "device tokens per replica",
+            "mean TTFT (s)",
+            &series(&|r| (r.time_scale == ts).then_some((r.device_tokens as f64, r.ttft_mean_s))),
+            true,
+        )?;
+    }
+    if a.time_scale.len() > 1 {
+        for &d in &a.device_tokens {
+            plot_lines(
+                &out.join(format!("ttft_vs_load_{d}.png")),
+                &format!("Mean TTFT vs load, {d} device tokens"),
+                "time scale (arrival-rate multiplier)",
+                "mean TTFT (s)",
+                &series(&|r| {
+                    (r.device_tokens == d && r.policy != "optimal")
+                        .then_some((r.time_scale, r.ttft_mean_s))
+                }),
+                false,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn cmd_gen(a: GenArgs) -> Result<()> {
+    let trace = load_trace(&format!("gen:{}", a.kind), a.seed)?;
+    let f = std::fs::File::create(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    trace
+        .write_jsonl(&mut w)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    std::io::Write::flush(&mut w)?;
+    eprintln!(
+        "wrote {} requests to {}",
+        trace.requests.len(),
+        a.out.display()
+    );
+    Ok(())
+}
