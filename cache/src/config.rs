@@ -72,7 +72,12 @@ pub struct HotnessConfig {
     pub admission_floor: f64,
     /// How often [`crate::PrefixCache::tick`] promotes hot host-only prefixes, in seconds.
     pub promotion_interval_s: f64,
-    /// Bytes the promotions of one interval may move host to device.
+    /// Bytes the promotions of one interval may move host to device; 0 (the default) turns
+    /// promotion off. In this design a host-only node gains no hotness while on the host (any
+    /// access loads it), so promotion can only bring back nodes that were once judged colder
+    /// than the device's residents; it pays when a burst of one-off prompts displaced frequently
+    /// used ones (scan resistance). On the Mooncake traces it lowered hit ratios and raised TTFT
+    /// at every budget tried (docs/benchmarks.md), so it is opt-in.
     pub promotion_budget_bytes: u64,
     /// Nodes at least this hot are copied to host while still on the device, so evicting them
     /// later costs no transfer. `None` disables write-through.
@@ -84,11 +89,14 @@ pub struct HotnessConfig {
     /// 512-token blocks), because deep blocks are reused less often than their higher recompute
     /// cost pays back.
     pub depth_weight_tokens: f64,
-    /// Promotion hysteresis, in doublings of value: a host-only node displaces a device node
-    /// only if it is worth `2^promotion_margin` times as much. Without it, a node promoted over
-    /// a slightly colder one sends that one to the host, which can come back the same way: the
-    /// round trips cost PCIe bandwidth and buy nothing.
-    pub promotion_margin: f64,
+    /// Whether and how promotion may displace device nodes. `None` (the default): promotion
+    /// only fills free device slots, using idle host-link bandwidth and never evicting anything.
+    /// `Some(m)`: a host-only node may displace device nodes worth `2^m` times less (hysteresis:
+    /// without it a node promoted over a slightly colder one sends that one to the host, which
+    /// can come back the same way). Measured on the Mooncake traces, displacing promotion lowered
+    /// hit ratios and raised TTFT at every budget tried (docs/benchmarks.md), because it trades
+    /// recently used device blocks for blocks that were hot long ago.
+    pub promotion_margin: Option<f64>,
 }
 
 impl Default for HotnessConfig {
@@ -97,10 +105,10 @@ impl Default for HotnessConfig {
             half_life_s: 600.0,
             admission_floor: 0.5,
             promotion_interval_s: 1.0,
-            promotion_budget_bytes: 256 << 20,
+            promotion_budget_bytes: 0,
             write_through_hotness: Some(4.0),
             depth_weight_tokens: 0.0,
-            promotion_margin: 1.0,
+            promotion_margin: None,
         }
     }
 }
@@ -180,11 +188,10 @@ impl CacheConfig {
         {
             return bad(format!("write_through_hotness must be positive, got {w}"));
         }
-        if !(h.promotion_margin.is_finite() && h.promotion_margin >= 0.0) {
-            return bad(format!(
-                "promotion_margin must be >= 0, got {}",
-                h.promotion_margin
-            ));
+        if let Some(m) = h.promotion_margin
+            && !(m.is_finite() && m >= 0.0)
+        {
+            return bad(format!("promotion_margin must be >= 0, got {m}"));
         }
         if !(h.depth_weight_tokens.is_finite() && h.depth_weight_tokens >= 0.0) {
             return bad(format!(

@@ -1146,7 +1146,8 @@ impl PrefixCache {
             let len = self.nodes[cand as usize].len();
             // Lock the path so making room cannot evict the parent the candidate hangs from.
             self.lock_path(cand, 1);
-            let slots = self.take_device(len, now, Some(prio - promo.margin));
+            let limit = promo.margin.map_or(f64::NEG_INFINITY, |m| prio - m);
+            let slots = self.take_device(len, now, Some(limit));
             self.lock_path(cand, -1);
             let Some(slots) = slots else { break };
             copies.extend(

@@ -174,6 +174,8 @@ fn reuse_offload_admits_only_blocks_seen_twice() {
 fn hotprefix_promotes_a_hot_host_prefix_back_to_the_device() {
     let mut cfg = CacheConfig::new(PolicyKind::HotPrefix, 16, 1024, 4, 16);
     cfg.hotness.write_through_hotness = None;
+    cfg.hotness.promotion_budget_bytes = 1 << 30;
+    cfg.hotness.promotion_margin = Some(1.0);
     let mut c = PrefixCache::new(cfg).unwrap();
     let hot = chain(1, 4);
     for t in 0..6 {
@@ -205,6 +207,45 @@ fn hotprefix_promotes_a_hot_host_prefix_back_to_the_device() {
     c.tick(20.0);
     assert!(c.take_transfers().is_empty());
     assert_eq!(c.peek(&hot).device_blocks, 4);
+}
+
+#[test]
+fn without_a_margin_promotion_only_fills_free_device_slots() {
+    let mut cfg = CacheConfig::new(PolicyKind::HotPrefix, 16, 1024, 8, 32);
+    cfg.hotness.write_through_hotness = None;
+    cfg.hotness.promotion_budget_bytes = 1 << 30;
+    let mut c = PrefixCache::new(cfg).unwrap();
+    let hot = chain(1, 4);
+    for t in 0..6 {
+        request(&mut c, &hot, t as f64);
+    }
+    request(&mut c, &chain(2, 8), 10.0); // fills the device; the hot prefix goes to host
+    assert_eq!(c.peek(&hot).host_blocks, 4);
+    c.tick(11.0);
+    assert!(
+        c.take_transfers().is_empty(),
+        "nothing is displaced for a promotion"
+    );
+    // Free the device: allocate everything (evicting the cold prefix) and give it back.
+    let all = c.allocate(8, 12.0).unwrap();
+    c.free(all);
+    finish_transfers(&mut c);
+    c.tick(13.0);
+    let t = c.take_transfers();
+    assert!(
+        t.iter()
+            .any(|t| t.cause == TransferCause::Promotion && t.copies.len() == 4),
+        "{t:?}"
+    );
+    finish_transfers_from(&mut c, t);
+    assert_eq!(c.peek(&hot).device_blocks, 4);
+    c.check_invariants().unwrap();
+}
+
+fn finish_transfers_from(c: &mut PrefixCache, t: Vec<hotprefix_cache::Transfer>) {
+    for t in t {
+        c.complete_transfer(t.id);
+    }
 }
 
 #[test]

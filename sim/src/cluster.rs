@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use hotprefix_cache::{
     CacheConfig, CacheStats, HotnessConfig, Lease, LeaseState, PolicyKind, PrefixCache, SlotId,
-    Transfer, TransferId, TransferKind,
+    Transfer, TransferCause, TransferId, TransferKind,
 };
 use hotprefix_protocol::BlockHash;
 use thiserror::Error;
@@ -240,6 +240,7 @@ struct Replica {
     wake_at: Option<f64>,
     blocked: bool,
     h2d_free: f64,
+    h2d_background_free: f64,
     d2h_free: f64,
     loads: HashMap<TransferId, (f64, f64)>,
     pending_prefill: u64,
@@ -309,6 +310,7 @@ pub fn simulate(
             wake_at: None,
             blocked: false,
             h2d_free: 0.0,
+            h2d_background_free: 0.0,
             d2h_free: 0.0,
             loads: HashMap::new(),
             pending_prefill: 0,
@@ -413,7 +415,10 @@ impl Sim<'_> {
         }
     }
 
-    /// Puts the cache's planned copies on the host link queues.
+    /// Puts the cache's planned copies on the host link queues. Loads a request waits on
+    /// (`Hit`) have strict priority over promotions, as an engine issues prefetches at low
+    /// priority: a hit load starts as soon as earlier hit loads are done, and a promotion in
+    /// flight is pushed back by the hit's duration. Stores use the other direction's link.
     fn schedule_transfers(&mut self, r: usize, now: f64) {
         let transfers: Vec<Transfer> = self.reps[r].cache.take_transfers();
         let block_bytes = self.reps[r].cache.config().block_bytes;
@@ -423,13 +428,26 @@ impl Sim<'_> {
                 .cost
                 .transfer_time(t.copies.len() as u64 * block_bytes);
             let rep = &mut self.reps[r];
-            let link = match t.kind {
-                TransferKind::Load => &mut rep.h2d_free,
-                TransferKind::Store => &mut rep.d2h_free,
+            let (start, end) = match (t.kind, t.cause) {
+                (TransferKind::Store, _) => {
+                    let start = rep.d2h_free.max(now);
+                    rep.d2h_free = start + dur;
+                    (start, start + dur)
+                }
+                (TransferKind::Load, TransferCause::Promotion) => {
+                    let start = rep.h2d_free.max(rep.h2d_background_free).max(now);
+                    rep.h2d_background_free = start + dur;
+                    (start, start + dur)
+                }
+                (TransferKind::Load, _) => {
+                    let start = rep.h2d_free.max(now);
+                    rep.h2d_free = start + dur;
+                    if rep.h2d_background_free > start {
+                        rep.h2d_background_free += dur;
+                    }
+                    (start, start + dur)
+                }
             };
-            let start = link.max(now);
-            let end = start + dur;
-            *link = end;
             if t.kind == TransferKind::Load {
                 rep.loads.insert(t.id, (start, end));
             }
@@ -479,8 +497,8 @@ impl Sim<'_> {
                 .and_then(|t| rep.loads.get(&t).copied())
                 .unwrap_or((now, now));
             if m.load.is_none() && rep.cache.lease_state(&m.lease) == LeaseState::Loading {
-                // Blocks being promoted: wait for the promotion queued ahead on the link.
-                (load_start, load_end) = (now, rep.h2d_free.max(now));
+                // Blocks being promoted: wait for the promotions queued on the link.
+                (load_start, load_end) = (now, rep.h2d_background_free.max(now));
             }
             let ready_at = if self.cfg.cost.layerwise_overlap {
                 load_start + (load_end - load_start) / layers

@@ -106,6 +106,10 @@ struct Common {
     /// `hotprefix`: bytes promoted host to device per promotion interval (0 turns it off).
     #[arg(long, default_value_t = HotnessConfig::default().promotion_budget_bytes)]
     promotion_budget: u64,
+    /// `hotprefix`: let promotion displace device nodes worth 2^MARGIN times less (default:
+    /// promotion only fills free device slots).
+    #[arg(long)]
+    promotion_margin: Option<f64>,
     /// Turn off layer-wise overlap of host-tier loads with compute.
     #[arg(long)]
     no_overlap: bool,
@@ -115,6 +119,15 @@ struct Common {
     /// Tokens per engine step (chunked-prefill budget).
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
     step_tokens: u64,
+    /// Replays per point, each with arrivals jittered by a different seed (seed, seed+1, ...);
+    /// TTFTs are pooled and counters averaged.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    repeats: u64,
+    /// Delay each arrival by a uniform random amount in [0, JITTER) seconds before time scaling
+    /// (the conversation trace's timestamps are rounded to whole seconds). 0 replays the trace
+    /// exactly.
+    #[arg(long, default_value_t = 0.0)]
+    jitter: f64,
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
@@ -219,6 +232,7 @@ fn sim_config(c: &Common, p: &Point) -> SimConfig {
         depth_weight_tokens: c.depth_weight_tokens,
         write_through_hotness: (c.write_through > 0.0).then_some(c.write_through),
         promotion_budget_bytes: c.promotion_budget,
+        promotion_margin: c.promotion_margin,
         ..HotnessConfig::default()
     };
     SimConfig {
@@ -235,6 +249,40 @@ fn sim_config(c: &Common, p: &Point) -> SimConfig {
         max_running: usize::try_from(c.max_running).unwrap_or(usize::MAX),
         step_tokens: c.step_tokens,
     }
+}
+
+/// Merges repeated runs: TTFTs pooled, token and byte counters and means averaged per run,
+/// wall time summed.
+fn pool(runs: Vec<SimResult>) -> SimResult {
+    let n = runs.len().max(1) as u64;
+    let nf = n as f64;
+    let mut out = SimResult::default();
+    for r in runs {
+        out.completed += r.completed;
+        out.refused += r.refused;
+        out.ttft_s.extend(r.ttft_s);
+        out.queue_mean_s += r.queue_mean_s / nf;
+        out.e2e_mean_s += r.e2e_mean_s / nf;
+        out.prompt_tokens += r.prompt_tokens;
+        out.device_hit_tokens += r.device_hit_tokens;
+        out.host_hit_tokens += r.host_hit_tokens;
+        out.output_tokens += r.output_tokens;
+        out.makespan_s += r.makespan_s;
+        out.cache.add(&r.cache);
+        out.wall_s += r.wall_s;
+    }
+    out.ttft_s.sort_by(f64::total_cmp);
+    // Per-run averages for the extensive quantities, so rows compare with single runs.
+    out.completed /= n;
+    out.refused /= n;
+    out.cache.h2d_bytes /= n;
+    out.cache.d2h_bytes /= n;
+    out.cache.device_evicted_blocks /= n;
+    out.cache.host_evicted_blocks /= n;
+    out.cache.admitted_blocks /= n;
+    out.cache.rejected_blocks /= n;
+    out.cache.promoted_blocks /= n;
+    out
 }
 
 fn run_point(c: &Common, trace: &Trace, p: &Point, progress: &dyn Fn(u64)) -> Result<ResultRow> {
@@ -262,7 +310,7 @@ fn run_point(c: &Common, trace: &Trace, p: &Point, progress: &dyn Fn(u64)) -> Re
         let blocks = (p.device_tokens + p.host_tokens) / u64::from(trace.block_tokens.max(1))
             * u64::from(c.replicas);
         let o = belady(&scaled, blocks);
-        progress(trace.requests.len() as u64);
+        progress(trace.requests.len() as u64 * c.repeats.max(1));
         row.hit_ratio = o.hit_ratio();
         for v in [
             &mut row.ttft_mean_s,
@@ -279,8 +327,20 @@ fn run_point(c: &Common, trace: &Trace, p: &Point, progress: &dyn Fn(u64)) -> Re
         row.sim_wall_s = started.elapsed().as_secs_f64();
         return Ok(row);
     }
-    let r: SimResult = simulate(&scaled, &cfg, Some(progress))?;
-    progress(r.refused);
+    // Each repeat replays an independently jittered copy; TTFTs are pooled, counters averaged.
+    let repeats = c.repeats.max(1);
+    let mut runs = Vec::with_capacity(repeats as usize);
+    for i in 0..repeats {
+        let t = if c.jitter > 0.0 {
+            scaled.jittered(c.seed.wrapping_add(i), c.jitter)
+        } else {
+            scaled.clone()
+        };
+        let r = simulate(&t, &cfg, Some(progress))?;
+        progress(r.refused);
+        runs.push(r);
+    }
+    let r = pool(runs);
     row.requests = r.completed;
     row.hit_ratio = r.hit_ratio();
     row.device_hit_ratio = r.device_hit_ratio();
@@ -310,7 +370,7 @@ fn run_point(c: &Common, trace: &Trace, p: &Point, progress: &dyn Fn(u64)) -> Re
 
 /// Runs every point, using every core, and returns rows in the order of `points`.
 fn run_grid(c: &Common, trace: &Trace, points: &[Point]) -> Result<Vec<ResultRow>> {
-    let total = trace.requests.len() as u64 * points.len() as u64;
+    let total = trace.requests.len() as u64 * points.len() as u64 * c.repeats.max(1);
     let bar = if c.quiet {
         ProgressBar::hidden()
     } else {
@@ -362,8 +422,25 @@ fn run_grid(c: &Common, trace: &Trace, points: &[Point]) -> Result<Vec<ResultRow
         .collect()
 }
 
+fn check_common(c: &Common) -> Result<()> {
+    if !(c.jitter.is_finite() && c.jitter >= 0.0) {
+        bail!(
+            "--jitter must be a non-negative number of seconds, got {}",
+            c.jitter
+        );
+    }
+    if !(c.half_life.is_finite() && c.half_life > 0.0) {
+        bail!(
+            "--half-life must be a positive number of seconds, got {}",
+            c.half_life
+        );
+    }
+    Ok(())
+}
+
 fn cmd_sim(a: SimArgs) -> Result<()> {
     check_scale(a.time_scale)?;
+    check_common(&a.common)?;
     let trace = load_trace(&a.common.trace, a.common.seed)?;
     let cost = CostModel::new(a.common.model.clone(), a.common.gpu.clone());
     let device_tokens = a
@@ -482,6 +559,7 @@ fn cmd_sweep(a: SweepArgs) -> Result<()> {
     for &f in &a.time_scale {
         check_scale(f)?;
     }
+    check_common(&a.common)?;
     if !(a.host_ratio.is_finite() && a.host_ratio >= 0.0) {
         bail!(
             "--host-ratio must be a non-negative number, got {}",

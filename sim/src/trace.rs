@@ -294,6 +294,35 @@ impl Trace {
         }
     }
 
+    /// A copy whose arrivals are each delayed by a uniform random amount in `[0, max_s)`, drawn
+    /// from `seed`, and re-sorted. The Mooncake conversation trace's timestamps are rounded to
+    /// whole seconds, which turns its arrivals into artificial bursts of up to 28 simultaneous
+    /// requests; jitter within the rounding interval undoes that, and several seeds give
+    /// independent replays to average over.
+    pub fn jittered(&self, seed: u64, max_s: f64) -> Trace {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut requests: Vec<TraceRequest> = self
+            .requests
+            .iter()
+            .map(|r| TraceRequest {
+                arrival_s: r.arrival_s
+                    + if max_s > 0.0 {
+                        rng.random::<f64>() * max_s
+                    } else {
+                        0.0
+                    },
+                ..r.clone()
+            })
+            .collect();
+        requests.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
+        Trace {
+            name: self.name.clone(),
+            block_tokens: self.block_tokens,
+            requests,
+        }
+    }
+
     /// Writes the trace in the Mooncake JSONL format with millisecond timestamps. Timestamps
     /// that are whole milliseconds (to within a nanosecond of rounding noise) are written as
     /// integers, as in the original traces; others keep their fractional part.
@@ -675,5 +704,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/x.jsonl"), "{e}");
+    }
+
+    #[test]
+    fn jitter_is_bounded_deterministic_and_sorted() {
+        let t = Trace::parse(
+            "t",
+            "{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [1]}\n\
+             {\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [2]}\n\
+             {\"timestamp\": 1000, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [3]}\n"
+                .as_bytes(),
+        )
+        .unwrap();
+        let a = t.jittered(7, 1.0);
+        assert_eq!(a, t.jittered(7, 1.0));
+        assert_ne!(a, t.jittered(8, 1.0));
+        assert!(
+            a.requests
+                .windows(2)
+                .all(|w| w[0].arrival_s <= w[1].arrival_s)
+        );
+        for r in &a.requests {
+            let orig = t.requests.iter().find(|o| o.blocks == r.blocks).unwrap();
+            assert!(r.arrival_s >= orig.arrival_s && r.arrival_s < orig.arrival_s + 1.0);
+        }
+        assert_eq!(t.jittered(7, 0.0), t);
     }
 }

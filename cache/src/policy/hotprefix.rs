@@ -8,8 +8,9 @@
 //!   host's coldest resident node, which rises when the host fills with hot prefixes and falls as
 //!   they cool.
 //! - Promotion: every `promotion_interval_s` the hottest host-only nodes whose parent is on the
-//!   device are loaded back, top-down, while they beat the coldest device leaf, within a byte
-//!   budget, and only over device nodes worth `2^promotion_margin` times less (hysteresis).
+//!   device are loaded back, top-down, within a byte
+//!   budget. By default promotion only fills free device slots; with `promotion_margin` set it
+//!   may also displace device leaves worth `2^promotion_margin` times less.
 //! - Write-through: a device node whose hotness reaches `write_through_hotness` is copied to the
 //!   host while still resident, so its eviction later costs no transfer and no admission.
 
@@ -59,7 +60,7 @@ impl Policy for HotPrefixPolicy {
         victim.is_none_or(|v| self.value(n) > v)
     }
     fn promotion(&self) -> Option<Promotion> {
-        Some(Promotion {
+        (self.cfg.promotion_budget_bytes > 0).then(|| Promotion {
             interval_s: self.cfg.promotion_interval_s,
             budget_bytes: self.cfg.promotion_budget_bytes,
             margin: self.cfg.promotion_margin,
@@ -92,7 +93,10 @@ mod tests {
 
     #[test]
     fn admission_needs_the_floor_and_to_beat_the_victim() {
-        let p = HotPrefixPolicy::new(HotnessConfig { admission_floor: 1.5, ..Default::default() });
+        let p = HotPrefixPolicy::new(HotnessConfig {
+            admission_floor: 1.5,
+            ..Default::default()
+        });
         let once = info(&[0.0], 0);
         let thrice = info(&[0.0, 1.0, 2.0], 0);
         assert!(

@@ -40,8 +40,8 @@ pub struct Promotion {
     /// Bytes one round may move from host to device.
     pub budget_bytes: u64,
     /// How much more (in the log2 priority domain) a candidate must be worth than every device
-    /// node it displaces.
-    pub margin: f64,
+    /// node it displaces; `None`: promotion only fills free device slots.
+    pub margin: Option<f64>,
 }
 
 /// A cache policy. Priorities are "keep" scores: the node with the *lowest* priority in a tier is
