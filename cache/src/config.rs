@@ -62,9 +62,19 @@ impl FromStr for PolicyKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HotnessConfig {
-    /// Half-life of the exponentially decayed access count, in seconds. The design notes found
-    /// hit ratios flat between 200 s and 1,200 s on the Mooncake traces; 600 s sits in the middle.
+    /// Half-life of the exponentially decayed access count, in seconds, when
+    /// `half_life_turnovers` is `None`. The design notes found hit ratios flat between 200 s and
+    /// 1,200 s on one tier; 600 s sits in the middle.
     pub half_life_s: f64,
+    /// If set, hotness decays on a *churn clock* instead of wall time: the clock advances by one
+    /// each time the cache has allocated as many new blocks as both tiers hold, and the half-life
+    /// is this many turnovers. Frequency older than what the cache can remember is worthless,
+    /// and how long that is depends on capacity and load; the churn clock adapts to both, so one
+    /// setting serves a small GPU under heavy load and a large one idling. `half_life_s` is then
+    /// unused. Default: 2 turnovers. Measured on the Mooncake traces (docs/benchmarks.md), 2
+    /// sat in the flat part of the range 0.25 to 8 on both traces, while the best wall-clock
+    /// half-life differed by trace and by load.
+    pub half_life_turnovers: Option<f64>,
     /// Minimum current hotness (decayed accesses) a node evicted from the device needs to be
     /// admitted to the host tier. The default 0.5 admits a node accessed once within the last
     /// half-life; a single access decays below 1.0 at once, so a floor of 1.0 would silently turn
@@ -99,10 +109,18 @@ pub struct HotnessConfig {
     pub promotion_margin: Option<f64>,
 }
 
+impl HotnessConfig {
+    /// The half-life in units of the hotness clock: turnovers on the churn clock, else seconds.
+    pub fn half_life(&self) -> f64 {
+        self.half_life_turnovers.unwrap_or(self.half_life_s)
+    }
+}
+
 impl Default for HotnessConfig {
     fn default() -> Self {
         HotnessConfig {
             half_life_s: 600.0,
+            half_life_turnovers: Some(2.0),
             admission_floor: 0.5,
             promotion_interval_s: 1.0,
             promotion_budget_bytes: 0,
@@ -169,6 +187,13 @@ impl CacheConfig {
             return bad(format!(
                 "half_life_s must be positive and finite, got {}",
                 h.half_life_s
+            ));
+        }
+        if let Some(t) = h.half_life_turnovers
+            && !(t.is_finite() && t > 0.0)
+        {
+            return bad(format!(
+                "half_life_turnovers must be positive and finite, got {t}"
             ));
         }
         if !(h.admission_floor.is_finite() && h.admission_floor >= 0.0) {

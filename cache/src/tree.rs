@@ -330,6 +330,8 @@ pub struct PrefixCache {
     pending: Vec<Transfer>,
     next_transfer: u64,
     next_promotion: f64,
+    /// Blocks handed out by `allocate` so far: the churn clock's numerator.
+    allocated_blocks: u64,
     stats: CacheStats,
 }
 
@@ -360,6 +362,7 @@ impl PrefixCache {
             pending: Vec::new(),
             next_transfer: 1,
             next_promotion: f64::NEG_INFINITY,
+            allocated_blocks: 0,
             stats: CacheStats::default(),
         })
     }
@@ -487,10 +490,22 @@ impl PrefixCache {
         self.refresh(id);
     }
 
+    /// The hotness clock at wall time `now`: `now` itself, or turnovers on the churn clock.
+    fn hot_now(&self, now: f64) -> f64 {
+        if self.cfg.hotness.half_life_turnovers.is_some() {
+            let capacity =
+                u64::from(self.dev_pool.capacity()) + u64::from(self.host_pool.capacity());
+            self.allocated_blocks as f64 / capacity.max(1) as f64
+        } else {
+            now
+        }
+    }
+
     fn touch(&mut self, id: u32, now: f64) {
-        let half_life = self.cfg.hotness.half_life_s;
+        let half_life = self.cfg.hotness.half_life();
+        let clock = self.hot_now(now);
         let n = &mut self.nodes[id as usize];
-        n.hot.touch(now, half_life);
+        n.hot.touch(clock, half_life);
         n.last_access = n.last_access.max(now);
         n.accesses = n.accesses.saturating_add(1);
     }
@@ -638,6 +653,7 @@ impl PrefixCache {
             return None;
         }
         let info = self.info(id);
+        let now = self.hot_now(now);
         loop {
             if self.host_pool.free_count() >= need {
                 if !self.policy.admit(&info, now, None) {
@@ -724,6 +740,7 @@ impl PrefixCache {
         match self.take_device(n, now, None) {
             Some(slots) => {
                 self.outstanding += n;
+                self.allocated_blocks += n as u64;
                 Ok(slots)
             }
             None => Err(CacheError::OutOfBlocks {
@@ -910,7 +927,7 @@ impl PrefixCache {
             if n.dev != DevState::Ready || n.host != HostState::Absent {
                 continue;
             }
-            if !self.policy.write_through(&self.info(p), now) {
+            if !self.policy.write_through(&self.info(p), self.hot_now(now)) {
                 continue;
             }
             let Some(host_slots) = self.admit_to_host(p, now) else {
@@ -1184,7 +1201,8 @@ impl PrefixCache {
     /// its ancestors', so the result is prefix-closed: every listed block's parent is listed
     /// before it.
     pub fn summary(&self, top_k: usize, now: f64) -> Vec<SummaryEntry> {
-        let half_life = self.cfg.hotness.half_life_s;
+        let half_life = self.cfg.hotness.half_life();
+        let now = self.hot_now(now);
         // Effective key: min over the path, computed top-down.
         let mut eff: Vec<(f64, u64, u32)> = Vec::new();
         let mut stack: Vec<(u32, f64)> = vec![(ROOT, f64::INFINITY)];

@@ -111,6 +111,31 @@ fn hotprefix_evicts_the_coldest_leaf_not_the_least_recent() {
 }
 
 #[test]
+fn on_the_churn_clock_idle_time_does_not_cool_a_prefix() {
+    // Default: hotness decays per cache turnover. A day without new blocks changes nothing.
+    let mut c = cache(PolicyKind::HotPrefix, 8, 0);
+    let (hot, b) = (chain(1, 4), chain(2, 4));
+    for t in 0..5 {
+        request(&mut c, &hot, t as f64);
+    }
+    request(&mut c, &b, 86_400.0);
+    request(&mut c, &chain(3, 4), 86_401.0);
+    assert_eq!(c.peek(&hot).device_blocks, 4);
+    assert_eq!(c.peek(&b).device_blocks, 0);
+    // On the wall clock with a 600 s half-life, a day decays five accesses to nothing.
+    let mut cfg = CacheConfig::new(PolicyKind::HotPrefix, 16, 1024, 8, 0);
+    cfg.hotness.half_life_turnovers = None;
+    let mut c = PrefixCache::new(cfg).unwrap();
+    for t in 0..5 {
+        request(&mut c, &hot, t as f64);
+    }
+    request(&mut c, &b, 86_400.0);
+    request(&mut c, &chain(3, 4), 86_401.0);
+    assert_eq!(c.peek(&hot).device_blocks, 0);
+    assert_eq!(c.peek(&b).device_blocks, 4);
+}
+
+#[test]
 fn lru_offload_writes_every_evicted_node_to_host_and_loads_it_back_on_a_hit() {
     let mut c = cache(PolicyKind::LruOffload, 4, 16);
     let a = chain(1, 4);

@@ -91,9 +91,13 @@ struct Common {
     /// Output folder for results.csv and plots.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Half-life of hotness, seconds.
+    /// Half-life of hotness in seconds, when --half-life-turnovers is 0.
     #[arg(long, default_value_t = HotnessConfig::default().half_life_s)]
     half_life: f64,
+    /// Decay hotness on the churn clock with this half-life in cache turnovers; 0 decays on the
+    /// wall clock with --half-life seconds instead.
+    #[arg(long, default_value_t = HotnessConfig::default().half_life_turnovers.unwrap_or(0.0))]
+    half_life_turnovers: f64,
     /// `hotprefix`: minimum decayed hotness for admission to the host tier.
     #[arg(long, default_value_t = HotnessConfig::default().admission_floor)]
     admission_floor: f64,
@@ -228,6 +232,7 @@ fn sim_config(c: &Common, p: &Point) -> SimConfig {
     cost.layerwise_overlap = !c.no_overlap;
     let hotness = HotnessConfig {
         half_life_s: c.half_life,
+        half_life_turnovers: (c.half_life_turnovers > 0.0).then_some(c.half_life_turnovers),
         admission_floor: c.admission_floor,
         depth_weight_tokens: c.depth_weight_tokens,
         write_through_hotness: (c.write_through > 0.0).then_some(c.write_through),

@@ -54,7 +54,7 @@ impl Policy for HotPrefixPolicy {
         self.value(n)
     }
     fn admit(&self, n: &NodeInfo, now: f64, victim: Option<f64>) -> bool {
-        if n.hotness.value_at(now, self.cfg.half_life_s) < self.cfg.admission_floor {
+        if n.hotness.value_at(now, self.cfg.half_life()) < self.cfg.admission_floor {
             return false;
         }
         victim.is_none_or(|v| self.value(n) > v)
@@ -69,7 +69,7 @@ impl Policy for HotPrefixPolicy {
     fn write_through(&self, n: &NodeInfo, now: f64) -> bool {
         self.cfg
             .write_through_hotness
-            .is_some_and(|t| n.hotness.value_at(now, self.cfg.half_life_s) >= t)
+            .is_some_and(|t| n.hotness.value_at(now, self.cfg.half_life()) >= t)
     }
 }
 
@@ -93,8 +93,10 @@ mod tests {
 
     #[test]
     fn admission_needs_the_floor_and_to_beat_the_victim() {
+        // Wall-clock decay with a 600 s half-life, as `info` builds the nodes.
         let p = HotPrefixPolicy::new(HotnessConfig {
             admission_floor: 1.5,
+            half_life_turnovers: None,
             ..Default::default()
         });
         let once = info(&[0.0], 0);

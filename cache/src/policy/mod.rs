@@ -56,7 +56,8 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
     fn device_priority(&self, n: &NodeInfo) -> f64;
     /// Keep score on the host tier.
     fn host_priority(&self, n: &NodeInfo) -> f64;
-    /// Whether a node being evicted from the device is written to the host. `victim` is the host
+    /// Whether a node being evicted from the device is written to the host. `now` is the
+    /// hotness clock (seconds, or turnovers on the churn clock). `victim` is the host
     /// priority of the node that would have to make room, or `None` when the host has room.
     /// Called once per victim needed; every call must agree for the node to be admitted.
     fn admit(&self, n: &NodeInfo, now: f64, victim: Option<f64>) -> bool;

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Reproduces the simulator tables and plots of docs/benchmarks.md into out/sweeps/.
+# Every grid: all four policies plus the offline bound, host capacity 4x device, 3 replays per
+# point with arrivals jittered within 1 s (seeds 0, 1, 2), Llama-3.1-8B on H100 unless stated.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked -p hotprefix-sim
+bench=./target/release/hotprefix-bench
+conv=../shared/traces/mooncake_fast25_conversation_trace.jsonl
+syn=../shared/traces/mooncake_fast25_synthetic_trace.jsonl
+common=(--repeats 3 --jitter 1 --quiet)
+
+sweep() { # name trace replicas device-tokens time-scales [extra args]
+    local name=$1 trace=$2 replicas=$3 devices=$4 scales=$5
+    shift 5
+    echo "== $name" >&2
+    "$bench" sweep --trace "$trace" --replicas "$replicas" --router least-load \
+        --device-tokens "$devices" --host-ratio 4 --time-scale "$scales" \
+        --out "out/sweeps/$name" "${common[@]}" "$@" > "out/sweeps/$name.md"
+}
+mkdir -p out/sweeps
+sweep conversation-1 "$conv" 1 160000,320000,426788,1000000 0.1,0.2,0.3,0.35
+sweep conversation-4 "$conv" 4 160000,320000,426788,1000000 0.4,0.8,1.2,1.4
+sweep synthetic-1 "$syn" 1 200000,320000,426788,1000000 0.1,0.2,0.25,0.3
+sweep synthetic-4 "$syn" 4 200000,320000,426788,1000000 0.4,0.8,1.0,1.2
+# Ablations at one loaded point each.
+sweep conversation-1-no-overlap "$conv" 1 426788 0.3 --no-overlap
+sweep synthetic-1-qwen-h200 "$syn" 1 1000000 0.3 --model qwen2.5-7b --gpu h200
+sweep synthetic-4-promotion "$syn" 4 426788 1.0 --policy hotprefix --promotion-budget 2147483648
+sweep synthetic-4-promotion-displace "$syn" 4 426788 1.0 --policy hotprefix --promotion-budget 2147483648 --promotion-margin 1
+echo "results in out/sweeps/" >&2
