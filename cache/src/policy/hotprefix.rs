@@ -60,7 +60,7 @@ impl Policy for HotPrefixPolicy {
         victim.is_none_or(|v| self.value(n) > v)
     }
     fn promotion(&self) -> Option<Promotion> {
-        (self.cfg.promotion_budget_bytes > 0).then(|| Promotion {
+        (self.cfg.promotion_budget_bytes > 0).then_some(Promotion {
             interval_s: self.cfg.promotion_interval_s,
             budget_bytes: self.cfg.promotion_budget_bytes,
             margin: self.cfg.promotion_margin,
