@@ -29,3 +29,21 @@ sweep synthetic-1-qwen-h200 "$syn" 1 1000000 0.3 --model qwen2.5-7b --gpu h200
 sweep synthetic-4-promotion "$syn" 4 426788 1.0 --policy hotprefix --promotion-budget 2147483648
 sweep synthetic-4-promotion-displace "$syn" 4 426788 1.0 --policy hotprefix --promotion-budget 2147483648 --promotion-margin 1
 echo "results in out/sweeps/" >&2
+# Hotness clock sensitivity: wall clock (600 s) against the churn clock at several half-lives.
+{
+    echo "| trace, point | clock | hit | TTFT mean (s) | TTFT p99 (s) |"
+    echo "|:--|:--|--:|--:|--:|"
+    for point in "synthetic-1 $syn 1 200000 0.2" "synthetic-1 $syn 1 1000000 0.2" \
+                 "conversation-1 $conv 1 426788 0.3" "synthetic-4 $syn 4 426788 1.0"; do
+        set -- $point
+        for clock in "--half-life-turnovers 0 --half-life 600" "--half-life-turnovers 0.5" \
+                     "--half-life-turnovers 1" "--half-life-turnovers 2" "--half-life-turnovers 4" \
+                     "--half-life-turnovers 8"; do
+            # shellcheck disable=SC2086
+            "$bench" sim --trace "$2" --replicas "$3" --router least-load --device-tokens "$4" \
+                --host-tokens $(($4 * 4)) --time-scale "$5" --policy hotprefix "${common[@]}" $clock |
+                awk -F'|' -v p="$1 $4 x$5" -v c="$clock" '/^\| hotprefix/ {
+                    printf "| %s | %s | %s | %s | %s |\n", p, c, $8, $11, $13 }'
+        done
+    done
+} > out/sweeps/ablation-hotness-clock.md

@@ -32,6 +32,8 @@ pub struct CacheStats {
     pub h2d_bytes: u64,
     /// Bytes of planned device-to-host transfers (admissions and write-through).
     pub d2h_bytes: u64,
+    /// Transfers reported failed (loads are planned again, so their bytes count twice).
+    pub failed_transfers: u64,
 }
 
 impl CacheStats {
@@ -65,6 +67,7 @@ impl CacheStats {
         self.write_through_blocks += o.write_through_blocks;
         self.h2d_bytes += o.h2d_bytes;
         self.d2h_bytes += o.d2h_bytes;
+        self.failed_transfers += o.failed_transfers;
     }
 }
 

@@ -208,8 +208,6 @@ pub enum LeaseState {
     Ready,
     /// Some blocks are still being loaded from the host.
     Loading,
-    /// A load failed ([`PrefixCache::fail_transfer`]); release the lease and match again.
-    Failed,
 }
 
 /// Result of [`PrefixCache::match_hashes`].
@@ -309,6 +307,7 @@ pub struct Usage {
 #[derive(Debug)]
 struct InFlight {
     kind: TransferKind,
+    cause: TransferCause,
     nodes: Vec<u32>,
 }
 
@@ -634,7 +633,7 @@ impl PrefixCache {
             TransferKind::Load => self.stats.h2d_bytes += bytes,
             TransferKind::Store => self.stats.d2h_bytes += bytes,
         }
-        self.inflight.insert(id, InFlight { kind, nodes });
+        self.inflight.insert(id, InFlight { kind, cause, nodes });
         self.pending.push(Transfer {
             id,
             kind,
@@ -988,10 +987,10 @@ impl PrefixCache {
         let mut cur = lease.node;
         while cur != ROOT {
             let n = &self.nodes[cur as usize];
-            match n.dev {
-                DevState::Absent => return LeaseState::Failed,
-                DevState::Loading(_) => state = LeaseState::Loading,
-                DevState::Ready => {}
+            // A leased node is never absent from the device: locks forbid eviction and failed
+            // loads are retried.
+            if n.dev != DevState::Ready {
+                state = LeaseState::Loading;
             }
             cur = n.parent;
         }
@@ -1108,12 +1107,19 @@ impl PrefixCache {
         }
     }
 
-    /// Reports that a transfer failed. A failed load leaves its blocks on the host only (leases
-    /// waiting on it see [`LeaseState::Failed`]); a failed store drops the host copy.
+    /// Reports that a transfer failed. A failed load is planned again (a new transfer with the
+    /// same copies, from [`PrefixCache::take_transfers`]): its blocks stay on the host, the
+    /// device slots stay reserved, and leases waiting on it keep waiting. Giving up instead would
+    /// have to drop device copies below the node that later loads or inserts put there, some of
+    /// them locked. An engine whose copies keep failing has a broken device and must restart.
+    /// A failed store drops the host copy.
     pub fn fail_transfer(&mut self, id: TransferId) {
         let Some(f) = self.inflight.remove(&id) else {
             return;
         };
+        self.stats.failed_transfers += 1;
+        let mut retry = Vec::new();
+        let mut retry_nodes = Vec::new();
         for node in f.nodes {
             let n = &mut self.nodes[node as usize];
             if !n.alive {
@@ -1121,21 +1127,32 @@ impl PrefixCache {
             }
             match f.kind {
                 TransferKind::Load if n.dev == DevState::Loading(id) => {
-                    let slots = std::mem::take(&mut n.dev_slots);
-                    self.dev_pool.give_back(slots);
-                    self.set_dev(node, DevState::Absent);
+                    retry.extend(
+                        n.host_slots
+                            .iter()
+                            .copied()
+                            .zip(n.dev_slots.iter().copied()),
+                    );
+                    retry_nodes.push(node);
                 }
                 TransferKind::Store if n.host == HostState::Writing(id) => {
                     let slots = std::mem::take(&mut n.host_slots);
                     n.host = HostState::Absent;
                     self.host_pool.give_back(slots);
-                    if n.dev == DevState::Absent && n.lock == 0 {
+                    if n.dev == DevState::Absent {
+                        // Not matchable while its store was in flight, so no lease holds it.
                         self.remove_subtree(node);
                     } else {
                         self.refresh(node);
                     }
                 }
                 _ => {}
+            }
+        }
+        if !retry_nodes.is_empty() {
+            let t = self.new_transfer(TransferKind::Load, f.cause, retry_nodes.clone(), retry);
+            for node in retry_nodes {
+                self.nodes[node as usize].dev = DevState::Loading(t);
             }
         }
     }
@@ -1272,7 +1289,7 @@ impl PrefixCache {
         let mark = |seen: &mut Vec<bool>, s: SlotId, what: &str| -> Result<(), String> {
             let slot = seen
                 .get_mut(s.0 as usize)
-                .ok_or(format!("{what} slot {} out of range", s.0))?;
+                .ok_or_else(|| format!("{what} slot {} out of range", s.0))?;
             if *slot {
                 return Err(format!("{what} slot {} used twice", s.0));
             }

@@ -290,18 +290,30 @@ fn locked_blocks_are_never_evicted_and_allocation_fails_cleanly() {
 }
 
 #[test]
-fn a_failed_load_marks_the_lease_failed_and_keeps_the_host_copy() {
+fn a_failed_load_is_planned_again_and_the_lease_keeps_waiting() {
     let mut c = cache(PolicyKind::LruOffload, 4, 8);
     let a = chain(1, 4);
     request(&mut c, &a, 0.0);
     request(&mut c, &chain(2, 4), 1.0);
     let m = c.match_hashes(&a, 64, 2.0);
-    let load = m.load.unwrap();
-    c.fail_transfer(load);
-    assert_eq!(c.lease_state(&m.lease), LeaseState::Failed);
+    let first = c.take_transfers();
+    let load = first.iter().find(|t| Some(t.id) == m.load).unwrap().clone();
+    c.fail_transfer(load.id);
+    assert_eq!(c.lease_state(&m.lease), LeaseState::Loading);
+    assert_eq!(c.stats().failed_transfers, 1);
+    let retry = c.take_transfers();
+    assert_eq!(retry.len(), 1);
+    assert_ne!(retry[0].id, load.id);
+    assert_eq!(retry[0].copies, load.copies, "same blocks, same slots");
+    c.check_invariants().unwrap();
+    c.complete_transfer(load.id); // late completion of the failed one: ignored
+    assert_eq!(c.lease_state(&m.lease), LeaseState::Loading);
+    for t in first.iter().filter(|t| t.id != load.id).chain(&retry) {
+        c.complete_transfer(t.id);
+    }
+    assert_eq!(c.lease_state(&m.lease), LeaseState::Ready);
     c.release(m.lease);
     c.check_invariants().unwrap();
-    assert_eq!(c.peek(&a).host_blocks, 4);
 }
 
 #[test]

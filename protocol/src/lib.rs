@@ -53,19 +53,30 @@ impl BlockHash {
 
     /// Hash of the block that follows `parent` and holds `tokens`, under `salt`.
     pub fn chain(parent: BlockHash, salt: Salt, tokens: &[u32]) -> BlockHash {
-        let mut buf = Vec::with_capacity(16 + 4 * tokens.len());
-        Self::chain_with(&mut buf, parent, salt, tokens)
+        /// Blocks up to this many tokens are serialised on the stack: hashing is the largest
+        /// cost of matching a prompt, and building each block's bytes in a `Vec` one token at
+        /// a time tripled it.
+        const STACK_TOKENS: usize = 64;
+        if tokens.len() <= STACK_TOKENS {
+            let mut buf = [0u8; 16 + 4 * STACK_TOKENS];
+            let len = 16 + 4 * tokens.len();
+            Self::serialise(&mut buf[..len], parent, salt, tokens);
+            BlockHash(xxh3_64(&buf[..len]))
+        } else {
+            let mut buf = vec![0u8; 16 + 4 * tokens.len()];
+            Self::serialise(&mut buf, parent, salt, tokens);
+            BlockHash(xxh3_64(&buf))
+        }
     }
 
-    /// Like [`BlockHash::chain`] but reuses `buf` so hashing a long prompt allocates once.
-    fn chain_with(buf: &mut Vec<u8>, parent: BlockHash, salt: Salt, tokens: &[u32]) -> BlockHash {
-        buf.clear();
-        buf.extend_from_slice(&parent.0.to_le_bytes());
-        buf.extend_from_slice(&salt.0.to_le_bytes());
-        for t in tokens {
-            buf.extend_from_slice(&t.to_le_bytes());
+    /// Writes `le64(parent) ++ le64(salt) ++ le32(token)...` into `out`, which has exactly that
+    /// length.
+    fn serialise(out: &mut [u8], parent: BlockHash, salt: Salt, tokens: &[u32]) {
+        out[..8].copy_from_slice(&parent.0.to_le_bytes());
+        out[8..16].copy_from_slice(&salt.0.to_le_bytes());
+        for (dst, t) in out[16..].chunks_exact_mut(4).zip(tokens) {
+            dst.copy_from_slice(&t.to_le_bytes());
         }
-        BlockHash(xxh3_64(buf))
     }
 }
 
@@ -123,10 +134,9 @@ pub fn hash_blocks(
 ) -> Vec<BlockHash> {
     assert!(block_size > 0, "block_size must be positive");
     let mut out = Vec::with_capacity(tokens.len() / block_size);
-    let mut buf = Vec::with_capacity(16 + 4 * block_size);
     let mut prev = parent;
     for block in tokens.chunks_exact(block_size) {
-        prev = BlockHash::chain_with(&mut buf, prev, salt, block);
+        prev = BlockHash::chain(prev, salt, block);
         out.push(prev);
     }
     out
@@ -205,6 +215,14 @@ mod tests {
         let tail = hash_blocks(&a[16..], 16, Salt::NONE, ha[0]);
         assert_eq!(tail[0], ha[1]);
         assert_eq!(BlockHash::chain(ha[0], Salt::NONE, &a[16..]), ha[1]);
+        // Blocks too large for the stack buffer hash the same bytes.
+        let big: Vec<u32> = (0..200).collect();
+        let mut bytes = vec![0u8; 16];
+        bytes.extend(big.iter().flat_map(|t| t.to_le_bytes()));
+        assert_eq!(
+            BlockHash::chain(BlockHash::ROOT, Salt::NONE, &big),
+            BlockHash(xxh3_64(&bytes))
+        );
     }
 
     #[test]

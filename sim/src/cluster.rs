@@ -738,6 +738,35 @@ mod tests {
     }
 
     #[test]
+    fn layerwise_overlap_hides_most_of_a_host_load() {
+        // A 40-block prefix (2.6 GiB of KV) comes back from host, about 52 ms over PCIe, and
+        // 40 new blocks are computed after it (about 0.8 s): with overlap the load hides behind
+        // that compute except for its first layer's share.
+        let prefix: Vec<u64> = (1..=40).collect();
+        let other: Vec<u64> = (100..160).collect();
+        let extended: Vec<u64> = (1..=40).chain(200..240).collect();
+        let t = trace(vec![
+            req(0.0, &prefix, 1),
+            req(10.0, &other, 1),
+            req(20.0, &extended, 1),
+        ]);
+        let mut c = cfg(PolicyKind::LruOffload, 84 * 512, 200 * 512);
+        let with = simulate(&t, &c, None).unwrap();
+        c.cost.layerwise_overlap = false;
+        let without = simulate(&t, &c, None).unwrap();
+        assert_eq!(with.host_hit_tokens, 40 * 512);
+        let load = c
+            .cost
+            .transfer_time(40 * 512 * c.cost.model.kv_bytes_per_token);
+        // Only the extended request differs between the runs.
+        let (w, wo): (f64, f64) = (with.ttft_s.iter().sum(), without.ttft_s.iter().sum());
+        assert!(
+            (wo - w - load * (1.0 - 1.0 / 32.0)).abs() < 0.2 * load,
+            "with {w} without {wo} load {load}"
+        );
+    }
+
+    #[test]
     fn requests_larger_than_the_device_are_refused_not_stuck() {
         let t = trace(vec![req(0.0, &[1, 2, 3, 4, 5], 1), req(1.0, &[6], 1)]);
         let res = simulate(&t, &cfg(PolicyKind::HotPrefix, 4 * 512, 0), None).unwrap();
