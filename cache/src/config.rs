@@ -75,6 +75,7 @@ pub struct HotnessConfig {
     /// sat in the flat part of the range 0.25 to 8 on both traces, while the best wall-clock
     /// half-life differed by trace and by load.
     pub half_life_turnovers: Option<f64>,
+
     /// Minimum current hotness (decayed accesses) a node evicted from the device needs to be
     /// admitted to the host tier. The default 0.5 admits a node accessed once within the last
     /// half-life; a single access decays below 1.0 at once, so a floor of 1.0 would silently turn
@@ -107,13 +108,6 @@ pub struct HotnessConfig {
     /// hit ratios and raised TTFT at every budget tried (docs/benchmarks.md), because it trades
     /// recently used device blocks for blocks that were hot long ago.
     pub promotion_margin: Option<f64>,
-}
-
-impl HotnessConfig {
-    /// The half-life in units of the hotness clock: turnovers on the churn clock, else seconds.
-    pub fn half_life(&self) -> f64 {
-        self.half_life_turnovers.unwrap_or(self.half_life_s)
-    }
 }
 
 impl Default for HotnessConfig {

@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::alloc::{SlotId, SlotPool};
 use crate::config::CacheConfig;
 use crate::error::CacheError;
-use crate::hotness::Hotness;
+use crate::hotness::{HotClock, Hotness};
 use crate::policy::{self, NodeInfo, Policy};
 use crate::stats::CacheStats;
 
@@ -329,8 +329,9 @@ pub struct PrefixCache {
     pending: Vec<Transfer>,
     next_transfer: u64,
     next_promotion: f64,
-    /// Blocks handed out by `allocate` so far: the churn clock's numerator.
+    /// Blocks handed out by `allocate` so far: the churn clock's input.
     allocated_blocks: u64,
+    clock: HotClock,
     stats: CacheStats,
 }
 
@@ -346,6 +347,12 @@ impl PrefixCache {
         };
         let mut root = Node::new(ROOT, Vec::new(), 0);
         root.dev = DevState::Ready;
+        let capacity = u64::from(cfg.device_blocks) + u64::from(host_blocks);
+        let h = &cfg.hotness;
+        let clock = match h.half_life_turnovers {
+            Some(t) => HotClock::new(t, capacity as f64),
+            None => HotClock::new(h.half_life_s, 1.0),
+        };
         Ok(PrefixCache {
             dev_pool: SlotPool::new(cfg.device_blocks),
             host_pool: SlotPool::new(host_blocks),
@@ -362,6 +369,7 @@ impl PrefixCache {
             next_transfer: 1,
             next_promotion: f64::NEG_INFINITY,
             allocated_blocks: 0,
+            clock,
             stats: CacheStats::default(),
         })
     }
@@ -489,22 +497,24 @@ impl PrefixCache {
         self.refresh(id);
     }
 
-    /// The hotness clock at wall time `now`: `now` itself, or turnovers on the churn clock.
-    fn hot_now(&self, now: f64) -> f64 {
+    /// What drives the hotness clock at wall time `now`: seconds, or blocks allocated.
+    fn clock_input(&self, now: f64) -> f64 {
         if self.cfg.hotness.half_life_turnovers.is_some() {
-            let capacity =
-                u64::from(self.dev_pool.capacity()) + u64::from(self.host_pool.capacity());
-            self.allocated_blocks as f64 / capacity.max(1) as f64
+            self.allocated_blocks as f64
         } else {
             now
         }
     }
 
+    /// The hotness clock at wall time `now`, in half-lives.
+    fn hot_now(&self, now: f64) -> f64 {
+        self.clock.at(self.clock_input(now))
+    }
+
     fn touch(&mut self, id: u32, now: f64) {
-        let half_life = self.cfg.hotness.half_life();
         let clock = self.hot_now(now);
         let n = &mut self.nodes[id as usize];
-        n.hot.touch(clock, half_life);
+        n.hot.touch(clock);
         n.last_access = n.last_access.max(now);
         n.accesses = n.accesses.saturating_add(1);
     }
@@ -1218,7 +1228,6 @@ impl PrefixCache {
     /// its ancestors', so the result is prefix-closed: every listed block's parent is listed
     /// before it.
     pub fn summary(&self, top_k: usize, now: f64) -> Vec<SummaryEntry> {
-        let half_life = self.cfg.hotness.half_life();
         let now = self.hot_now(now);
         // Effective key: min over the path, computed top-down.
         let mut eff: Vec<(f64, u64, u32)> = Vec::new();
@@ -1244,7 +1253,7 @@ impl PrefixCache {
                 Tier::Host
             };
             let start = n.depth_end - n.len() as u64;
-            let hotness = (key - now / half_life).exp2();
+            let hotness = (key - now).exp2();
             for (j, h) in n.hashes.iter().enumerate() {
                 if out.len() >= top_k {
                     break 'outer;

@@ -54,7 +54,7 @@ impl Policy for HotPrefixPolicy {
         self.value(n)
     }
     fn admit(&self, n: &NodeInfo, now: f64, victim: Option<f64>) -> bool {
-        if n.hotness.value_at(now, self.cfg.half_life()) < self.cfg.admission_floor {
+        if n.hotness.value_at(now) < self.cfg.admission_floor {
             return false;
         }
         victim.is_none_or(|v| self.value(n) > v)
@@ -69,7 +69,7 @@ impl Policy for HotPrefixPolicy {
     fn write_through(&self, n: &NodeInfo, now: f64) -> bool {
         self.cfg
             .write_through_hotness
-            .is_some_and(|t| n.hotness.value_at(now, self.cfg.half_life()) >= t)
+            .is_some_and(|t| n.hotness.value_at(now) >= t)
     }
 }
 
@@ -81,7 +81,7 @@ mod tests {
     fn info(accesses_at: &[f64], depth_tokens: u64) -> NodeInfo {
         let mut h = Hotness::default();
         for &t in accesses_at {
-            h.touch(t, 600.0);
+            h.touch(t / 600.0);
         }
         NodeInfo {
             hotness: h,
@@ -93,23 +93,23 @@ mod tests {
 
     #[test]
     fn admission_needs_the_floor_and_to_beat_the_victim() {
-        // Wall-clock decay with a 600 s half-life, as `info` builds the nodes.
         let p = HotPrefixPolicy::new(HotnessConfig {
             admission_floor: 1.5,
-            half_life_turnovers: None,
             ..Default::default()
         });
         let once = info(&[0.0], 0);
         let thrice = info(&[0.0, 1.0, 2.0], 0);
+        // The policy reads the clock in half-lives: 3 s at a 600 s half-life.
+        let now = 3.0 / 600.0;
         assert!(
-            !p.admit(&once, 3.0, None),
+            !p.admit(&once, now, None),
             "one access is below the 1.5 floor"
         );
-        assert!(p.admit(&thrice, 3.0, None));
+        assert!(p.admit(&thrice, now, None));
         let hot_victim = p.host_priority(&info(&[2.0, 2.0, 2.0, 2.0], 0));
-        assert!(!p.admit(&thrice, 3.0, Some(hot_victim)));
+        assert!(!p.admit(&thrice, now, Some(hot_victim)));
         let cold_victim = p.host_priority(&info(&[0.0, 0.0], 0));
-        assert!(p.admit(&thrice, 3.0, Some(cold_victim)));
+        assert!(p.admit(&thrice, now, Some(cold_victim)));
     }
 
     #[test]

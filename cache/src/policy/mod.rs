@@ -57,7 +57,7 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
     /// Keep score on the host tier.
     fn host_priority(&self, n: &NodeInfo) -> f64;
     /// Whether a node being evicted from the device is written to the host. `now` is the
-    /// hotness clock (seconds, or turnovers on the churn clock). `victim` is the host
+    /// hotness clock, in half-lives (see [`Hotness`]). `victim` is the host
     /// priority of the node that would have to make room, or `None` when the host has room.
     /// Called once per victim needed; every call must agree for the node to be admitted.
     fn admit(&self, n: &NodeInfo, now: f64, victim: Option<f64>) -> bool;
@@ -65,7 +65,8 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
     fn promotion(&self) -> Option<Promotion> {
         None
     }
-    /// Whether a device node that has just been accessed should also be copied to the host now.
+    /// Whether a device node that has just been accessed should also be copied to the host now
+    /// (`now` in half-lives).
     fn write_through(&self, _n: &NodeInfo, _now: f64) -> bool {
         false
     }
