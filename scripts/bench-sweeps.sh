@@ -23,9 +23,14 @@ sweep conversation-1 "$conv" 1 160000,320000,426788,1000000 0.1,0.2,0.3,0.35
 sweep conversation-4 "$conv" 4 160000,320000,426788,1000000 0.4,0.8,1.2,1.4
 sweep synthetic-1 "$syn" 1 200000,320000,426788,1000000 0.1,0.2,0.25,0.3
 sweep synthetic-4 "$syn" 4 200000,320000,426788,1000000 0.4,0.8,1.0,1.2
+# Generated workloads (default generator parameters, seed 0): a check outside the two traces.
+sweep zipf-sessions-1 gen:zipf-sessions 1 100000,200000,426788 1,2,4
+sweep shared-prefix-1 gen:shared-prefix 1 100000,200000,426788 1,2,4
 # Ablations at one loaded point each.
 sweep conversation-1-no-overlap "$conv" 1 426788 0.3 --no-overlap
 sweep synthetic-1-qwen-h200 "$syn" 1 1000000 0.3 --model qwen2.5-7b --gpu h200
+sweep synthetic-4-write-through "$syn" 4 426788 1.0 --policy hotprefix --write-through 4
+sweep shared-prefix-1-write-through gen:shared-prefix 1 426788 1 --policy hotprefix --write-through 4
 sweep synthetic-4-promotion "$syn" 4 426788 1.0 --policy hotprefix --promotion-budget 2147483648
 sweep synthetic-4-promotion-displace "$syn" 4 426788 1.0 --policy hotprefix --promotion-budget 2147483648 --promotion-margin 1
 echo "results in out/sweeps/" >&2

@@ -118,7 +118,7 @@ impl Default for HotnessConfig {
             admission_floor: 0.5,
             promotion_interval_s: 1.0,
             promotion_budget_bytes: 0,
-            write_through_hotness: Some(4.0),
+            write_through_hotness: None,
             depth_weight_tokens: 0.0,
             promotion_margin: None,
         }

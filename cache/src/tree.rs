@@ -927,8 +927,12 @@ impl PrefixCache {
     }
 
     /// Copies hot device-only nodes of `path` to the host ahead of their eviction.
+    /// Only while the device is nearly full (less than a tenth free): until then no eviction is
+    /// coming and the copy would be wasted bandwidth.
     fn maybe_write_through(&mut self, path: &[u32], now: f64) {
-        if !self.policy.uses_host() {
+        if !self.policy.uses_host()
+            || self.dev_pool.free_count() * 10 >= self.dev_pool.capacity() as usize
+        {
             return;
         }
         for &p in path {

@@ -338,6 +338,23 @@ fn write_through_copies_a_very_hot_node_so_its_eviction_is_free() {
 }
 
 #[test]
+fn write_through_waits_until_the_device_is_nearly_full() {
+    let mut cfg = CacheConfig::new(PolicyKind::HotPrefix, 16, 1024, 64, 64);
+    cfg.hotness.write_through_hotness = Some(2.9);
+    let mut c = PrefixCache::new(cfg).unwrap();
+    let a = chain(1, 4);
+    for t in 0..5 {
+        request(&mut c, &a, t as f64);
+    }
+    assert_eq!(
+        c.stats().write_through_blocks,
+        0,
+        "60 of 64 blocks free: no eviction coming"
+    );
+    assert_eq!(c.stats().d2h_bytes, 0);
+}
+
+#[test]
 fn summary_is_hottest_first_and_prefix_closed() {
     let mut c = cache(PolicyKind::HotPrefix, 64, 64);
     let a = chain(1, 6);

@@ -7,12 +7,17 @@
 //!   every host node it would displace. The threshold adapts by itself: it is the value of the
 //!   host's coldest resident node, which rises when the host fills with hot prefixes and falls as
 //!   they cool.
-//! - Promotion: every `promotion_interval_s` the hottest host-only nodes whose parent is on the
-//!   device are loaded back, top-down, within a byte
-//!   budget. By default promotion only fills free device slots; with `promotion_margin` set it
-//!   may also displace device leaves worth `2^promotion_margin` times less.
-//! - Write-through: a device node whose hotness reaches `write_through_hotness` is copied to the
-//!   host while still resident, so its eviction later costs no transfer and no admission.
+//! - Promotion (opt-in, `promotion_budget_bytes > 0`): every `promotion_interval_s` the hottest
+//!   host-only nodes whose parent is on the device are loaded back, top-down, within a byte
+//!   budget. Without `promotion_margin` it only fills free device slots; with it, it may also
+//!   displace device leaves worth `2^promotion_margin` times less.
+//! - Write-through (opt-in, `write_through_hotness`): once the device is nearly full, a device
+//!   node whose hotness reaches the threshold is copied to the host while still resident, so its
+//!   eviction later costs no transfer and no admission.
+//!
+//! Hotness decays on the churn clock by default (half-life in cache turnovers), so the policy
+//! behaves the same at any arrival rate. `HotnessConfig` documents each default and the
+//! measurement behind it.
 
 use super::{NodeInfo, Policy, Promotion};
 use crate::config::{HotnessConfig, PolicyKind};
