@@ -17,6 +17,9 @@ pub enum CacheError {
         /// Blocks that are free or evictable right now.
         available: usize,
     },
+    /// A lease was given to a cache that did not issue it.
+    #[error("the lease was issued by another cache")]
+    ForeignLease,
     /// `insert` was given a different number of hashes and slots.
     #[error("insert got {hashes} block hashes but {slots} slots")]
     LengthMismatch {

@@ -52,6 +52,27 @@ impl CacheStats {
     pub fn host_hit_ratio(&self) -> f64 {
         ratio(self.host_hit_tokens, self.query_tokens)
     }
+    /// Every counter divided by `n` (rounded down), for the mean of `n` runs or replicas.
+    pub fn div(&self, n: u64) -> CacheStats {
+        let n = n.max(1);
+        CacheStats {
+            lookups: self.lookups / n,
+            query_tokens: self.query_tokens / n,
+            device_hit_tokens: self.device_hit_tokens / n,
+            host_hit_tokens: self.host_hit_tokens / n,
+            miss_tokens: self.miss_tokens / n,
+            device_evicted_blocks: self.device_evicted_blocks / n,
+            host_evicted_blocks: self.host_evicted_blocks / n,
+            admitted_blocks: self.admitted_blocks / n,
+            rejected_blocks: self.rejected_blocks / n,
+            promoted_blocks: self.promoted_blocks / n,
+            write_through_blocks: self.write_through_blocks / n,
+            h2d_bytes: self.h2d_bytes / n,
+            d2h_bytes: self.d2h_bytes / n,
+            failed_transfers: self.failed_transfers / n,
+        }
+    }
+
     /// Adds another cache's counters (for cluster totals).
     pub fn add(&mut self, o: &CacheStats) {
         self.lookups += o.lookups;

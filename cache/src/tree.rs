@@ -30,6 +30,11 @@ use crate::stats::CacheStats;
 
 const ROOT: u32 = 0;
 
+/// Placeholder in a loading node's state until its transfer is planned (ids start at 1).
+const PENDING_TRANSFER: TransferId = TransferId(0);
+
+static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Hasher for maps keyed by [`BlockHash`]. Real block hashes are already uniform, but trace ids
 /// replayed by the simulator are small consecutive integers, so one multiply-xorshift round
 /// spreads them over the high bits that hashbrown's probing uses.
@@ -143,6 +148,13 @@ struct Node {
     lock: u32,
     /// Children whose device state is not `Absent`.
     dev_children: u32,
+    /// Whether this node's device copy cannot be evicted for now regardless of locks: it is
+    /// loading, or its host copy is being written from it.
+    pinned: bool,
+    /// Pinned nodes strictly below this one (they keep it from becoming a device leaf).
+    pinned_below: u32,
+    /// Device blocks of this node counted in `PrefixCache::reclaimable`.
+    reclaim: usize,
     hot: Hotness,
     last_access: f64,
     accesses: u32,
@@ -166,6 +178,9 @@ impl Node {
             host_slots: Vec::new(),
             lock: 0,
             dev_children: 0,
+            pinned: false,
+            pinned_below: 0,
+            reclaim: 0,
             hot: Hotness::default(),
             last_access: f64::NEG_INFINITY,
             accesses: 0,
@@ -190,6 +205,7 @@ impl Node {
 /// cannot be released twice.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Lease {
+    cache: u64,
     node: u32,
     blocks: usize,
 }
@@ -215,13 +231,15 @@ pub enum LeaseState {
 pub struct Match {
     /// The hold on the matched path; pass it to `insert` and finally to `release`.
     pub lease: Lease,
-    /// Matched blocks already on the device (or being promoted there).
+    /// Matched blocks already on the device, including blocks still being loaded there by an
+    /// earlier match or a promotion (see [`PrefixCache::lease_transfers`]).
     pub device_blocks: usize,
     /// Matched blocks found only on the host; this match started their load.
     pub host_blocks: usize,
     /// Device slots of every matched block, in order (loading ones included).
     pub slots: Vec<SlotId>,
-    /// The load this match started, if any; the request must wait for it.
+    /// The load this match started, if any. The request must wait for it, and also for loads
+    /// that others started on its path: [`PrefixCache::lease_state`] says when all are done.
     pub load: Option<TransferId>,
     /// Prompt tokens covered by the match (capped at the query length).
     pub cached_tokens: usize,
@@ -300,6 +318,8 @@ pub struct Usage {
     pub host_capacity: u32,
     /// Host slots free.
     pub host_free: usize,
+    /// Host slots of dropped nodes whose store is still in flight; free once it finishes.
+    pub host_held: usize,
     /// Tree nodes, root excluded.
     pub nodes: usize,
 }
@@ -329,6 +349,13 @@ pub struct PrefixCache {
     pending: Vec<Transfer>,
     next_transfer: u64,
     next_promotion: f64,
+    /// Identity stamped on leases, so a lease given to the wrong cache is caught.
+    id: u64,
+    /// Device blocks that evictions could free right now (see `reclaimable_device_blocks`).
+    reclaimable: usize,
+    /// Host slots of nodes dropped while their store was in flight: the copy may still write
+    /// them, so they return to the free list only when that transfer completes or fails.
+    host_slots_after: HashMap<TransferId, Vec<SlotId>>,
     /// Blocks handed out by `allocate` so far: the churn clock's input.
     allocated_blocks: u64,
     clock: HotClock,
@@ -368,6 +395,9 @@ impl PrefixCache {
             pending: Vec::new(),
             next_transfer: 1,
             next_promotion: f64::NEG_INFINITY,
+            id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            reclaimable: 0,
+            host_slots_after: HashMap::new(),
             allocated_blocks: 0,
             clock,
             stats: CacheStats::default(),
@@ -386,21 +416,23 @@ impl PrefixCache {
 
     /// Tier occupancy now.
     pub fn usage(&self) -> Usage {
-        let mut device_cached = 0;
-        let mut nodes = 0;
-        for n in self.nodes.iter().skip(1).filter(|n| n.alive) {
-            nodes += 1;
-            device_cached += n.dev_slots.len();
-        }
+        let device_free = self.dev_pool.free_count();
         Usage {
             device_capacity: self.dev_pool.capacity(),
-            device_free: self.dev_pool.free_count(),
-            device_cached,
+            device_free,
+            device_cached: self.dev_pool.capacity() as usize - device_free - self.outstanding,
             device_outstanding: self.outstanding,
             host_capacity: self.host_pool.capacity(),
             host_free: self.host_pool.free_count(),
-            nodes,
+            host_held: self.host_slots_after.values().map(Vec::len).sum(),
+            nodes: self.nodes.len() - self.free_nodes.len() - 1,
         }
+    }
+
+    /// Device blocks that `allocate` could free by evicting right now: ready, unlocked, and with
+    /// nothing loading or being written below them.
+    pub fn reclaimable_device_blocks(&self) -> usize {
+        self.reclaimable
     }
 
     // ----- node bookkeeping -------------------------------------------------------------------
@@ -430,10 +462,23 @@ impl PrefixCache {
         if id == ROOT || !self.nodes[id as usize].alive {
             return;
         }
+        let n = &self.nodes[id as usize];
+        let pinned = matches!(n.dev, DevState::Loading(_))
+            || (n.dev == DevState::Ready && matches!(n.host, HostState::Writing(_)));
+        if pinned != n.pinned {
+            self.nodes[id as usize].pinned = pinned;
+            self.adjust_pinned_below(id, pinned);
+        }
         let info = self.info(id);
         let n = &self.nodes[id as usize];
+        let reclaim = if n.dev == DevState::Ready && n.lock == 0 && !pinned && n.pinned_below == 0 {
+            n.len()
+        } else {
+            0
+        };
+        self.reclaimable = self.reclaimable + reclaim - n.reclaim;
         let parent_dev = self.nodes[n.parent as usize].dev_present();
-        let want_dev = n.dev == DevState::Ready && n.lock == 0 && n.dev_children == 0;
+        let want_dev = n.dev == DevState::Ready && n.lock == 0 && n.dev_children == 0 && !pinned;
         let want_host = n.host == HostState::Ready
             && n.lock == 0
             && (n.dev == DevState::Ready || (n.dev == DevState::Absent && n.children.is_empty()));
@@ -452,6 +497,24 @@ impl PrefixCache {
         n.dev_key = dev_key;
         n.host_key = host_key;
         n.promo_key = promo_key;
+        n.reclaim = reclaim;
+    }
+
+    /// A node became pinned (or stopped being): its ancestors count it in `pinned_below`, which
+    /// decides whether their blocks are reclaimable.
+    fn adjust_pinned_below(&mut self, id: u32, pinned: bool) {
+        let mut cur = self.nodes[id as usize].parent;
+        while cur != ROOT {
+            let n = &mut self.nodes[cur as usize];
+            if pinned {
+                n.pinned_below += 1;
+            } else {
+                n.pinned_below -= 1;
+            }
+            let parent = n.parent;
+            self.refresh(cur);
+            cur = parent;
+        }
     }
 
     fn update_set(set: &mut BTreeSet<Key>, old: Option<Key>, new: Option<Key>) {
@@ -519,12 +582,16 @@ impl PrefixCache {
         n.accesses = n.accesses.saturating_add(1);
     }
 
-    /// Adds `delta` to the lock count of `id` and all its ancestors.
-    fn lock_path(&mut self, id: u32, delta: i32) {
-        let mut cur = id;
-        while cur != ROOT {
+    /// Adds `delta` to the lock count of `from` and its ancestors up to, but excluding, `until`
+    /// (the root for a whole path).
+    fn add_lock(&mut self, from: u32, until: u32, delta: i32) {
+        let mut cur = from;
+        while cur != until && cur != ROOT {
             let n = &mut self.nodes[cur as usize];
-            n.lock = n.lock.checked_add_signed(delta).unwrap_or(0);
+            n.lock = n.lock.checked_add_signed(delta).unwrap_or_else(|| {
+                debug_assert!(false, "lock count of node {cur} out of range");
+                0
+            });
             let parent = n.parent;
             self.refresh(cur);
             cur = parent;
@@ -550,6 +617,9 @@ impl PrefixCache {
             upper.host = n.host;
             upper.lock = n.lock;
             upper.dev_children = u32::from(n.dev_present());
+            // The upper part is not counted as pinned yet: `refresh` below counts it (and adds it
+            // to its ancestors) if it is.
+            upper.pinned_below = n.pinned_below + u32::from(n.pinned);
             upper.hot = n.hot;
             upper.last_access = n.last_access;
             upper.accesses = n.accesses;
@@ -562,7 +632,7 @@ impl PrefixCache {
         self.nodes[u as usize].children.insert(lower_first, id);
         self.nodes[id as usize].parent = u;
         self.nodes[parent as usize].children.insert(first, u);
-        for t in [
+        let transfers = [
             if let DevState::Loading(t) = dev {
                 Some(t)
             } else {
@@ -573,10 +643,8 @@ impl PrefixCache {
             } else {
                 None
             },
-        ]
-        .into_iter()
-        .flatten()
-        {
+        ];
+        for t in transfers.into_iter().flatten() {
             if let Some(f) = self.inflight.get_mut(&t) {
                 f.nodes.push(u);
             }
@@ -596,10 +664,25 @@ impl PrefixCache {
         let dev_slots = std::mem::take(&mut n.dev_slots);
         let host_slots = std::mem::take(&mut n.host_slots);
         let keys = (n.dev_key.take(), n.host_key.take(), n.promo_key.take());
+        let (pinned, reclaim, host) = (n.pinned, n.reclaim, n.host);
         n.alive = false;
         n.hashes = Vec::new();
+        n.pinned = false;
+        n.reclaim = 0;
+        self.reclaimable -= reclaim;
+        if pinned {
+            self.adjust_pinned_below(id, false);
+        }
         self.dev_pool.give_back(dev_slots);
-        self.host_pool.give_back(host_slots);
+        match host {
+            HostState::Writing(t) if self.inflight.contains_key(&t) => {
+                self.host_slots_after
+                    .entry(t)
+                    .or_default()
+                    .extend(host_slots);
+            }
+            _ => self.host_pool.give_back(host_slots),
+        }
         Self::update_set(&mut self.dev_set, keys.0, None);
         Self::update_set(&mut self.host_set, keys.1, None);
         Self::update_set(&mut self.promo_set, keys.2, None);
@@ -663,19 +746,34 @@ impl PrefixCache {
         }
         let info = self.info(id);
         let now = self.hot_now(now);
-        loop {
-            if self.host_pool.free_count() >= need {
-                if !self.policy.admit(&info, now, None) {
-                    return None;
-                }
-                return self.host_pool.take(need);
+        let free = self.host_pool.free_count();
+        if free >= need {
+            return if self.policy.admit(&info, now, None) {
+                self.host_pool.take(need)
+            } else {
+                None
+            };
+        }
+        // Decide before dropping anything: every victim needed must lose to the newcomer.
+        let mut victims = Vec::new();
+        let mut room = free;
+        for v in &self.host_set {
+            if room >= need {
+                break;
             }
-            let victim = *self.host_set.first()?;
-            if !self.policy.admit(&info, now, Some(victim.0)) {
+            if !self.policy.admit(&info, now, Some(v.0)) {
                 return None;
             }
-            self.evict_host(victim.1);
+            victims.push(v.1);
+            room += self.nodes[v.1 as usize].len();
         }
+        if room < need {
+            return None;
+        }
+        for v in victims {
+            self.evict_host(v);
+        }
+        self.host_pool.take(need)
     }
 
     fn evict_host(&mut self, id: u32) {
@@ -705,29 +803,62 @@ impl PrefixCache {
             }
             got
         };
-        let dev_slots = std::mem::take(&mut self.nodes[id as usize].dev_slots);
         if let Some(host_slots) = admitted {
-            let copies = dev_slots
-                .iter()
-                .copied()
-                .zip(host_slots.iter().copied())
-                .collect();
-            self.nodes[id as usize].host_slots = host_slots;
-            let t = self.new_transfer(
-                TransferKind::Store,
-                TransferCause::Eviction,
-                vec![id],
-                copies,
-            );
-            self.nodes[id as usize].host = HostState::Writing(t);
+            self.plan_store(id, host_slots, TransferCause::Eviction);
             self.stats.admitted_blocks += len;
         }
+        let dev_slots = std::mem::take(&mut self.nodes[id as usize].dev_slots);
         self.dev_pool.give_back(dev_slots);
         self.set_dev(id, DevState::Absent);
         if self.nodes[id as usize].host == HostState::Absent {
             // Neither tier keeps it; whatever hangs below it (host-only) is unreachable now.
             self.remove_subtree(id);
         }
+    }
+
+    /// Plans the copy of `id`'s device blocks into `host_slots` and marks its host copy as being
+    /// written.
+    fn plan_store(&mut self, id: u32, host_slots: Vec<SlotId>, cause: TransferCause) {
+        let n = &mut self.nodes[id as usize];
+        let copies = n
+            .dev_slots
+            .iter()
+            .copied()
+            .zip(host_slots.iter().copied())
+            .collect();
+        n.host_slots = host_slots;
+        let t = self.new_transfer(TransferKind::Store, cause, vec![id], copies);
+        self.nodes[id as usize].host = HostState::Writing(t);
+    }
+
+    /// Gives a host-only node the device `slots` it will be loaded into and marks it loading
+    /// (present on the device) until `plan_load` names the transfer.
+    fn start_load(&mut self, id: u32, slots: Vec<SlotId>) {
+        self.nodes[id as usize].dev_slots = slots;
+        self.set_dev(id, DevState::Loading(PENDING_TRANSFER));
+    }
+
+    /// Plans one host-to-device transfer for `nodes` (each loading into the device slots it was
+    /// given) and names it in their state. `None` for no nodes.
+    fn plan_load(&mut self, nodes: Vec<u32>, cause: TransferCause) -> Option<TransferId> {
+        if nodes.is_empty() {
+            return None;
+        }
+        let copies = nodes
+            .iter()
+            .flat_map(|&n| {
+                let n = &self.nodes[n as usize];
+                n.host_slots
+                    .iter()
+                    .copied()
+                    .zip(n.dev_slots.iter().copied())
+            })
+            .collect();
+        let t = self.new_transfer(TransferKind::Load, cause, nodes.clone(), copies);
+        for node in nodes {
+            self.nodes[node as usize].dev = DevState::Loading(t);
+        }
+        Some(t)
     }
 
     /// Takes `n` device slots, evicting device leaves in policy order. With `limit`, only nodes
@@ -746,6 +877,14 @@ impl PrefixCache {
     /// Hands out `n` device slots for newly computed KV, evicting by policy when needed. The
     /// caller owns them until it `insert`s or `free`s them.
     pub fn allocate(&mut self, n: usize, now: f64) -> Result<Vec<SlotId>, CacheError> {
+        let available = self.dev_pool.free_count() + self.reclaimable;
+        if available < n {
+            // Fail without evicting anything: a failed allocation must not flush the cache.
+            return Err(CacheError::OutOfBlocks {
+                requested: n,
+                available,
+            });
+        }
         match self.take_device(n, now, None) {
             Some(slots) => {
                 self.outstanding += n;
@@ -806,7 +945,7 @@ impl PrefixCache {
             }
         }
         if let Some(&last) = path.last() {
-            self.lock_path(last, 1);
+            self.add_lock(last, ROOT, 1);
         }
         for &p in &path {
             self.touch(p, now);
@@ -819,7 +958,6 @@ impl PrefixCache {
         let mut device_blocks = 0;
         let mut host_blocks = 0;
         let mut loads = Vec::new();
-        let mut copies = Vec::new();
         let deepest = path.last().copied();
         let mut cut = None;
         let mut k = 0;
@@ -854,11 +992,8 @@ impl PrefixCache {
                     }
                 }
             };
-            let n = &mut self.nodes[node as usize];
-            copies.extend(n.host_slots.iter().copied().zip(slots.iter().copied()));
             host_blocks += slots.len();
-            n.dev_slots = slots;
-            self.set_dev(node, DevState::Loading(TransferId(0)));
+            self.start_load(node, slots);
             loads.push(node);
             if cut.is_some() {
                 break;
@@ -868,23 +1003,10 @@ impl PrefixCache {
             // Drop this lease's lock below the last node kept (for a partial load, the lower part
             // of the split node hangs below the kept upper part).
             let keep = c.checked_sub(1).map(|k| path[k]);
-            self.unlock_below(d, keep);
+            self.add_lock(d, keep.unwrap_or(ROOT), -1);
             path.truncate(c);
         }
-        let load = if loads.is_empty() {
-            None
-        } else {
-            let t = self.new_transfer(
-                TransferKind::Load,
-                TransferCause::Hit,
-                loads.clone(),
-                copies,
-            );
-            for &node in &loads {
-                self.nodes[node as usize].dev = DevState::Loading(t);
-            }
-            Some(t)
-        };
+        let load = self.plan_load(loads, TransferCause::Hit);
 
         let mut slots = Vec::with_capacity(device_blocks + host_blocks);
         for &p in &path {
@@ -902,6 +1024,7 @@ impl PrefixCache {
         self.stats.miss_tokens += (query_tokens - cached_tokens) as u64;
         Match {
             lease: Lease {
+                cache: self.id,
                 node: path.last().copied().unwrap_or(ROOT),
                 blocks: device_blocks + host_blocks,
             },
@@ -910,19 +1033,6 @@ impl PrefixCache {
             slots,
             load,
             cached_tokens,
-        }
-    }
-
-    /// Drops this lease's lock from `deepest` up to, but excluding, `keep` (or the root).
-    fn unlock_below(&mut self, deepest: u32, keep: Option<u32>) {
-        let stop = keep.unwrap_or(ROOT);
-        let mut cur = deepest;
-        while cur != stop && cur != ROOT {
-            let n = &mut self.nodes[cur as usize];
-            n.lock -= 1;
-            let parent = n.parent;
-            self.refresh(cur);
-            cur = parent;
         }
     }
 
@@ -946,22 +1056,8 @@ impl PrefixCache {
             let Some(host_slots) = self.admit_to_host(p, now) else {
                 continue;
             };
-            let n = &mut self.nodes[p as usize];
-            let copies = n
-                .dev_slots
-                .iter()
-                .copied()
-                .zip(host_slots.iter().copied())
-                .collect();
-            n.host_slots = host_slots;
-            let len = n.len() as u64;
-            let t = self.new_transfer(
-                TransferKind::Store,
-                TransferCause::WriteThrough,
-                vec![p],
-                copies,
-            );
-            self.nodes[p as usize].host = HostState::Writing(t);
+            let len = host_slots.len() as u64;
+            self.plan_store(p, host_slots, TransferCause::WriteThrough);
             self.stats.write_through_blocks += len;
             self.refresh(p);
         }
@@ -995,8 +1091,66 @@ impl PrefixCache {
         out
     }
 
+    /// Whether matching `hashes` now (loading its host part in full) and then allocating
+    /// `new_blocks` more device blocks would succeed, without changing anything. A scheduler asks
+    /// this before admitting a request, so that a request it cannot admit yet leaves no trace:
+    /// no hotness counted, no load started, no eviction made.
+    pub fn fits(&self, hashes: &[BlockHash], new_blocks: usize) -> bool {
+        let mut cur = ROOT;
+        let mut i = 0;
+        let mut host_blocks = 0;
+        // Device blocks of the path that are reclaimable now but would be locked by the match.
+        let mut path_reclaim = 0;
+        while i < hashes.len() {
+            let Some(&c) = self.nodes[cur as usize].children.get(&hashes[i]) else {
+                break;
+            };
+            let n = &self.nodes[c as usize];
+            let m = common_prefix(&n.hashes, &hashes[i..]);
+            if n.dev_present() && host_blocks == 0 {
+                path_reclaim += n.reclaim.min(m);
+            } else if n.host == HostState::Ready {
+                host_blocks += m;
+            } else {
+                break;
+            }
+            i += m;
+            cur = c;
+            if m < n.len() {
+                break;
+            }
+        }
+        let available = self.dev_pool.free_count() + self.reclaimable - path_reclaim;
+        host_blocks + new_blocks <= available
+    }
+
+    /// The loads the blocks of `lease` still wait for (empty when it is ready), including loads
+    /// other requests or promotion started.
+    ///
+    /// # Panics
+    /// If `lease` comes from another cache.
+    pub fn lease_transfers(&self, lease: &Lease) -> Vec<TransferId> {
+        self.check_lease(lease);
+        let mut out = Vec::new();
+        let mut cur = lease.node;
+        while cur != ROOT {
+            let n = &self.nodes[cur as usize];
+            if let DevState::Loading(t) = n.dev
+                && !out.contains(&t)
+            {
+                out.push(t);
+            }
+            cur = n.parent;
+        }
+        out
+    }
+
     /// Whether the blocks of `lease` can be read now.
+    ///
+    /// # Panics
+    /// If `lease` comes from another cache.
     pub fn lease_state(&self, lease: &Lease) -> LeaseState {
+        self.check_lease(lease);
         let mut state = LeaseState::Ready;
         let mut cur = lease.node;
         while cur != ROOT {
@@ -1022,6 +1176,9 @@ impl PrefixCache {
         slots: &[SlotId],
         now: f64,
     ) -> Result<Inserted, CacheError> {
+        if lease.cache != self.id {
+            return Err(CacheError::ForeignLease);
+        }
         if hashes.len() != slots.len() {
             return Err(CacheError::LengthMismatch {
                 hashes: hashes.len(),
@@ -1086,8 +1243,20 @@ impl PrefixCache {
     }
 
     /// Gives back a lease: its path becomes evictable again (as far as other leases allow).
+    ///
+    /// # Panics
+    /// If `lease` comes from another cache: that is a bug in the caller, and going on would
+    /// corrupt both caches' lock counts.
     pub fn release(&mut self, lease: Lease) {
-        self.unlock_below(lease.node, None);
+        self.check_lease(&lease);
+        self.add_lock(lease.node, ROOT, -1);
+    }
+
+    fn check_lease(&self, lease: &Lease) {
+        assert_eq!(
+            lease.cache, self.id,
+            "a lease was given to a cache that did not issue it"
+        );
     }
 
     // ----- transfers and promotion ------------------------------------------------------------
@@ -1103,6 +1272,9 @@ impl PrefixCache {
         let Some(f) = self.inflight.remove(&id) else {
             return;
         };
+        if let Some(slots) = self.host_slots_after.remove(&id) {
+            self.host_pool.give_back(slots);
+        }
         for node in f.nodes {
             let n = &mut self.nodes[node as usize];
             if !n.alive {
@@ -1131,8 +1303,10 @@ impl PrefixCache {
         let Some(f) = self.inflight.remove(&id) else {
             return;
         };
+        if let Some(slots) = self.host_slots_after.remove(&id) {
+            self.host_pool.give_back(slots);
+        }
         self.stats.failed_transfers += 1;
-        let mut retry = Vec::new();
         let mut retry_nodes = Vec::new();
         for node in f.nodes {
             let n = &mut self.nodes[node as usize];
@@ -1140,15 +1314,7 @@ impl PrefixCache {
                 continue;
             }
             match f.kind {
-                TransferKind::Load if n.dev == DevState::Loading(id) => {
-                    retry.extend(
-                        n.host_slots
-                            .iter()
-                            .copied()
-                            .zip(n.dev_slots.iter().copied()),
-                    );
-                    retry_nodes.push(node);
-                }
+                TransferKind::Load if n.dev == DevState::Loading(id) => retry_nodes.push(node),
                 TransferKind::Store if n.host == HostState::Writing(id) => {
                     let slots = std::mem::take(&mut n.host_slots);
                     n.host = HostState::Absent;
@@ -1163,12 +1329,7 @@ impl PrefixCache {
                 _ => {}
             }
         }
-        if !retry_nodes.is_empty() {
-            let t = self.new_transfer(TransferKind::Load, f.cause, retry_nodes.clone(), retry);
-            for node in retry_nodes {
-                self.nodes[node as usize].dev = DevState::Loading(t);
-            }
-        }
+        self.plan_load(retry_nodes, f.cause);
     }
 
     /// Periodic work at time `now`: promotion of hot host-only prefixes back to the device (for
@@ -1183,7 +1344,6 @@ impl PrefixCache {
         self.next_promotion = now + promo.interval_s;
         let mut budget = (promo.budget_bytes / self.cfg.block_bytes) as usize;
         let mut loads = Vec::new();
-        let mut copies = Vec::new();
         while budget > 0 {
             let Some(&Key(prio, mut cand)) = self.promo_set.last() else {
                 break;
@@ -1193,37 +1353,18 @@ impl PrefixCache {
             }
             let len = self.nodes[cand as usize].len();
             // Lock the path so making room cannot evict the parent the candidate hangs from.
-            self.lock_path(cand, 1);
+            self.add_lock(cand, ROOT, 1);
             let limit = promo.margin.map_or(f64::NEG_INFINITY, |m| prio - m);
             let slots = self.take_device(len, now, Some(limit));
-            self.lock_path(cand, -1);
+            self.add_lock(cand, ROOT, -1);
             let Some(slots) = slots else { break };
-            copies.extend(
-                self.nodes[cand as usize]
-                    .host_slots
-                    .iter()
-                    .copied()
-                    .zip(slots.iter().copied()),
-            );
-            self.nodes[cand as usize].dev_slots = slots;
-            // Mark it present now (so its children become candidates top-down); the transfer id
-            // is patched in below once every node of this round is known.
-            self.set_dev(cand, DevState::Loading(TransferId(0)));
+            // Present from now on, so its children become candidates top-down.
+            self.start_load(cand, slots);
             loads.push(cand);
             budget -= len;
             self.stats.promoted_blocks += len as u64;
         }
-        if !loads.is_empty() {
-            let t = self.new_transfer(
-                TransferKind::Load,
-                TransferCause::Promotion,
-                loads.clone(),
-                copies,
-            );
-            for node in loads {
-                self.nodes[node as usize].dev = DevState::Loading(t);
-            }
-        }
+        self.plan_load(loads, TransferCause::Promotion);
     }
 
     // ----- export -----------------------------------------------------------------------------
@@ -1248,7 +1389,7 @@ impl PrefixCache {
             }
         }
         eff.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        let mut out = Vec::with_capacity(top_k.min(eff.len() * 4));
+        let mut out = Vec::new();
         'outer: for (key, _, id) in eff {
             let n = &self.nodes[id as usize];
             let tier = if n.dev_present() {
@@ -1310,6 +1451,7 @@ impl PrefixCache {
             Ok(())
         };
         let mut dev_in_tree = 0;
+        let mut reclaimable = 0;
         let mut host_in_tree = 0;
         let mut candidates = (0, 0, 0);
         for (id, n) in self.nodes.iter().enumerate().skip(1) {
@@ -1363,6 +1505,32 @@ impl PrefixCache {
                     n.dev_children
                 ));
             }
+            let pinned = matches!(n.dev, DevState::Loading(_))
+                || (n.dev == DevState::Ready && matches!(n.host, HostState::Writing(_)));
+            if pinned != n.pinned {
+                return Err(format!(
+                    "node {id} pinned flag {} but state says {pinned}",
+                    n.pinned
+                ));
+            }
+            let pinned_below: u32 = n
+                .children
+                .values()
+                .map(|&c| {
+                    self.nodes[c as usize].pinned_below + u32::from(self.nodes[c as usize].pinned)
+                })
+                .sum();
+            if pinned_below != n.pinned_below {
+                return Err(format!(
+                    "node {id} counts {} pinned below, has {pinned_below}",
+                    n.pinned_below
+                ));
+            }
+            let reclaim = n.dev == DevState::Ready && n.lock == 0 && !pinned && pinned_below == 0;
+            if n.reclaim != if reclaim { n.len() } else { 0 } {
+                return Err(format!("node {id} counts {} reclaimable blocks", n.reclaim));
+            }
+            reclaimable += n.reclaim;
             let child_locks: u32 = n
                 .children
                 .values()
@@ -1434,9 +1602,26 @@ impl PrefixCache {
                 self.dev_pool.capacity()
             ));
         }
-        if host_in_tree + self.host_pool.free_count() != self.host_pool.capacity() as usize {
+        if reclaimable != self.reclaimable {
             return Err(format!(
-                "host slots leak: {host_in_tree} in tree + {} free != {}",
+                "reclaimable blocks: nodes say {reclaimable}, the total says {}",
+                self.reclaimable
+            ));
+        }
+        let host_after: usize = self.host_slots_after.values().map(Vec::len).sum();
+        for (t, slots) in &self.host_slots_after {
+            if !self.inflight.contains_key(t) {
+                return Err(format!("host slots held for finished transfer {t:?}"));
+            }
+            for &s in slots {
+                mark(&mut host_seen, s, "held host")?;
+            }
+        }
+        if host_in_tree + host_after + self.host_pool.free_count()
+            != self.host_pool.capacity() as usize
+        {
+            return Err(format!(
+                "host slots leak: {host_in_tree} in tree + {host_after} held + {} free != {}",
                 self.host_pool.free_count(),
                 self.host_pool.capacity()
             ));

@@ -396,3 +396,131 @@ fn match_by_tokens_hashes_with_the_protocol_scheme() {
     c.free(free);
     c.release(m.lease);
 }
+
+#[test]
+fn a_failed_allocation_evicts_nothing() {
+    let mut c = cache(PolicyKind::Lru, 8, 0);
+    let a = chain(1, 4);
+    request(&mut c, &a, 0.0);
+    assert_eq!(c.reclaimable_device_blocks(), 4);
+    let err = c.allocate(9, 1.0).unwrap_err();
+    assert_eq!(
+        err,
+        hotprefix_cache::CacheError::OutOfBlocks {
+            requested: 9,
+            available: 8
+        }
+    );
+    assert_eq!(
+        c.peek(&a).device_blocks,
+        4,
+        "the cached prefix survives the failed call"
+    );
+    assert_eq!(c.stats().device_evicted_blocks, 0);
+}
+
+#[test]
+fn a_lease_from_another_cache_is_refused() {
+    let mut a = cache(PolicyKind::Lru, 8, 0);
+    let mut b = cache(PolicyKind::Lru, 8, 0);
+    let h = chain(1, 2);
+    let m = a.match_hashes(&h, 32, 0.0);
+    let mut lease = m.lease;
+    let slots = b.allocate(2, 0.0).unwrap();
+    let err = b.insert(&mut lease, &h, &slots, 0.0).unwrap_err();
+    assert_eq!(err, hotprefix_cache::CacheError::ForeignLease);
+    a.release(lease);
+    b.free(slots);
+    a.check_invariants().unwrap();
+    b.check_invariants().unwrap();
+}
+
+#[test]
+#[should_panic(expected = "a lease was given to a cache that did not issue it")]
+fn releasing_a_lease_into_another_cache_panics_instead_of_corrupting_it() {
+    let mut a = cache(PolicyKind::Lru, 8, 0);
+    let mut b = cache(PolicyKind::Lru, 8, 0);
+    let m = a.match_hashes(&chain(1, 2), 32, 0.0);
+    b.release(m.lease);
+}
+
+#[test]
+fn admission_drops_no_host_victim_when_it_ends_up_rejecting() {
+    // Host of 3: a cold 1-block node and a hot 2-block node. A 2-block newcomer would need both
+    // gone, and loses to the hot one, so the cold one must stay too.
+    let mut cfg = CacheConfig::new(PolicyKind::HotPrefix, 16, 1024, 2, 3);
+    cfg.hotness.half_life_turnovers = None;
+    cfg.hotness.half_life_s = 10.0;
+    let mut c = PrefixCache::new(cfg).unwrap();
+    let cold = chain(1, 1);
+    let hot = chain(2, 2);
+    request(&mut c, &cold, 0.0);
+    for t in 1..6 {
+        request(&mut c, &hot, t as f64);
+    }
+    request(&mut c, &chain(3, 2), 10.0); // pushes both to host
+    assert_eq!(c.peek(&cold).host_blocks, 1);
+    assert_eq!(c.peek(&hot).host_blocks, 2);
+    let evicted = c.stats().host_evicted_blocks;
+    request(&mut c, &chain(4, 2), 30.0); // evicts chain 3 (cooled): rejected
+    assert_eq!(
+        c.stats().host_evicted_blocks,
+        evicted,
+        "no victim was dropped for nothing"
+    );
+    assert_eq!(c.peek(&cold).host_blocks, 1);
+}
+
+#[test]
+fn a_node_being_written_through_is_not_evicted_until_the_copy_is_done() {
+    let mut cfg = CacheConfig::new(PolicyKind::HotPrefix, 16, 1024, 4, 8);
+    cfg.hotness.write_through_hotness = Some(1.5);
+    let mut c = PrefixCache::new(cfg).unwrap();
+    let a = chain(1, 4);
+    request(&mut c, &a, 0.0);
+    let m = c.match_hashes(&a, 64, 1.0); // second access: write-through planned
+    let stores = c.take_transfers();
+    assert!(
+        stores
+            .iter()
+            .any(|t| t.cause == TransferCause::WriteThrough),
+        "{stores:?}"
+    );
+    c.release(m.lease);
+    // The copy still reads the device slots: they cannot be handed out.
+    assert!(c.allocate(4, 2.0).is_err());
+    finish_transfers_from(&mut c, stores);
+    assert_eq!(c.allocate(4, 3.0).unwrap().len(), 4);
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn host_slots_of_a_dropped_node_wait_for_its_store() {
+    // lru-offload, device 4, host 2: evicting the child stores it; evicting the parent finds
+    // the host full of an in-flight write, is rejected, and drops the child with it. The
+    // child's host slots stay reserved until its store reports back.
+    let mut c = cache(PolicyKind::LruOffload, 4, 2);
+    let a = chain(1, 4);
+    let m = c.match_hashes(&a[..2], 32, 0.0);
+    let mut lease = m.lease;
+    let s = c.allocate(2, 0.0).unwrap();
+    c.insert(&mut lease, &a[..2], &s, 0.0).unwrap();
+    let s = c.allocate(2, 0.0).unwrap();
+    c.insert(&mut lease, &a[2..], &s, 0.0).unwrap();
+    c.release(lease);
+    c.allocate(2, 1.0).unwrap(); // evicts the child a[2..]: store to host
+    let store = c.take_transfers();
+    assert_eq!(store.len(), 1);
+    c.allocate(2, 2.0).unwrap(); // evicts the parent: rejected, child dropped
+    assert_eq!(c.usage().host_held, 2);
+    assert_eq!(
+        c.usage().host_free,
+        0,
+        "the in-flight copy's slots are not reused"
+    );
+    c.check_invariants().unwrap();
+    c.complete_transfer(store[0].id);
+    assert_eq!(c.usage().host_held, 0);
+    assert_eq!(c.usage().host_free, 2);
+    c.check_invariants().unwrap();
+}

@@ -258,7 +258,13 @@ impl Harness {
         let also: HashSet<BlockHash> = also_locked.iter().copied().collect();
         let mut blocked: HashSet<BlockHash> = HashSet::new();
         for b in blocks {
-            if b.device_loading || b.locked || also.contains(&b.hash) {
+            // Loading, locked, or being written to host from its device copy: not evictable, and
+            // neither is anything above it.
+            if b.device_loading
+                || (b.device_ready && b.host_writing)
+                || b.locked
+                || also.contains(&b.hash)
+            {
                 let mut cur = b.hash;
                 while cur != BlockHash::ROOT && blocked.insert(cur) {
                     cur = self.parents[&cur];
@@ -386,6 +392,17 @@ impl Harness {
         let room = free + self.evictable(&before, &hashes[..dev]);
         let loaded = host.min(room);
         let leased = self.lease_slots();
+        // `fits` answers the same question without side effects, for any extra allocation.
+        for extra in [0, 1, 3] {
+            prop_assert_eq!(
+                self.cache.fits(&hashes, extra),
+                host + extra <= room,
+                "fits({} extra) with {} host blocks to load and {} room",
+                extra,
+                host,
+                room
+            );
+        }
 
         let m = self.cache.match_hashes(&hashes, query_tokens, self.now);
         prop_assert_eq!(
@@ -690,7 +707,10 @@ impl Harness {
             .iter()
             .filter(|b| b.host_ready || b.host_writing)
             .count();
-        prop_assert_eq!(on_host, u.host_capacity as usize - u.host_free);
+        prop_assert_eq!(
+            on_host,
+            u.host_capacity as usize - u.host_free - u.host_held
+        );
         for b in &blocks {
             prop_assert!(!(b.device_ready && b.device_loading), "{:?}", b);
             prop_assert!(!(b.host_ready && b.host_writing), "{:?}", b);

@@ -18,8 +18,8 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use hotprefix_cache::{
-    CacheConfig, CacheStats, HotnessConfig, Lease, LeaseState, PolicyKind, PrefixCache, SlotId,
-    Transfer, TransferCause, TransferId, TransferKind,
+    CacheConfig, CacheStats, HotnessConfig, Lease, PolicyKind, PrefixCache, SlotId, Transfer,
+    TransferCause, TransferId, TransferKind,
 };
 use hotprefix_protocol::BlockHash;
 use thiserror::Error;
@@ -100,6 +100,14 @@ pub enum SimError {
     /// The cache rejected its configuration.
     #[error(transparent)]
     Cache(#[from] hotprefix_cache::CacheError),
+    /// The simulation ended with requests neither completed nor refused: a scheduling bug.
+    #[error("{lost} of {requests} requests were never completed (simulation stalled)")]
+    Stalled {
+        /// Requests unaccounted for.
+        lost: u64,
+        /// Requests in the trace.
+        requests: u64,
+    },
 }
 
 /// What one run measured.
@@ -211,7 +219,7 @@ impl Ord for Ev {
 #[derive(Debug)]
 struct Run {
     req: usize,
-    lease: Option<Lease>,
+    lease: Lease,
     /// Slots from `allocate` not yet handed to the tree: uncached prompt blocks first, then
     /// the blocks generated tokens will fill.
     owned: Vec<SlotId>,
@@ -341,6 +349,13 @@ pub fn simulate(
         sim.push(r.arrival_s, EvKind::Arrival(i));
     }
     sim.run();
+    let requests = trace.requests.len() as u64;
+    if sim.res.completed + sim.res.refused != requests {
+        return Err(SimError::Stalled {
+            lost: requests - sim.res.completed - sim.res.refused,
+            requests,
+        });
+    }
     let mut res = sim.res;
     res.ttft_s.sort_by(f64::total_cmp);
     let n = res.completed.max(1) as f64;
@@ -389,6 +404,12 @@ impl Sim<'_> {
                 EvKind::TransferDone(r, id) => {
                     self.reps[r].cache.complete_transfer(id);
                     self.reps[r].loads.remove(&id);
+                    // Finished copies can make blocks evictable again (a load's destination,
+                    // a write-through's source): a blocked admission may fit now.
+                    self.reps[r].blocked = false;
+                    if !self.reps[r].busy {
+                        self.plan(r, now);
+                    }
                 }
             }
         }
@@ -417,8 +438,10 @@ impl Sim<'_> {
 
     /// Puts the cache's planned copies on the host link queues. Loads a request waits on
     /// (`Hit`) have strict priority over promotions, as an engine issues prefetches at low
-    /// priority: a hit load starts as soon as earlier hit loads are done, and a promotion in
-    /// flight is pushed back by the hit's duration. Stores use the other direction's link.
+    /// priority: a hit load starts as soon as earlier hit loads are done, and a promotion only
+    /// starts once the hit loads queued before it are. The model does not slow a promotion
+    /// already in flight when a hit load starts beside it, which flatters promotion (opt-in)
+    /// slightly. Stores use the other direction's link.
     fn schedule_transfers(&mut self, r: usize, now: f64) {
         let transfers: Vec<Transfer> = self.reps[r].cache.take_transfers();
         let block_bytes = self.reps[r].cache.config().block_bytes;
@@ -442,9 +465,6 @@ impl Sim<'_> {
                 (TransferKind::Load, _) => {
                     let start = rep.h2d_free.max(now);
                     rep.h2d_free = start + dur;
-                    if rep.h2d_background_free > start {
-                        rep.h2d_background_free += dur;
-                    }
                     (start, start + dur)
                 }
             };
@@ -474,6 +494,16 @@ impl Sim<'_> {
                 self.res.refused += 1;
                 continue;
             }
+            // Ask first, so a request that cannot be admitted yet leaves no trace in the cache
+            // (no hotness counted, no load started, no eviction) before it is tried again.
+            let cache = &self.reps[r].cache;
+            let peek = cache.peek(&self.hashes[q]);
+            let new_blocks = total_blocks as usize - peek.device_blocks - peek.host_blocks;
+            if !cache.fits(&self.hashes[q], new_blocks) {
+                // Memory is held by running requests or in-flight copies: wait for one to end.
+                self.reps[r].blocked = true;
+                break;
+            }
             let m = self.reps[r]
                 .cache
                 .match_hashes(&self.hashes[q], input as usize, now);
@@ -482,9 +512,8 @@ impl Sim<'_> {
             let owned = match self.reps[r].cache.allocate(need, now) {
                 Ok(s) => s,
                 Err(_) => {
-                    // Memory is full of running requests: wait for one to finish.
+                    // `fits` said yes, so this does not happen; stay safe if it ever does.
                     self.reps[r].cache.release(m.lease);
-                    self.schedule_transfers(r, now);
                     self.reps[r].blocked = true;
                     break;
                 }
@@ -492,14 +521,16 @@ impl Sim<'_> {
             self.schedule_transfers(r, now);
             let rep = &mut self.reps[r];
             rep.waiting.pop_front();
-            let (mut load_start, mut load_end) = m
-                .load
-                .and_then(|t| rep.loads.get(&t).copied())
-                .unwrap_or((now, now));
-            if m.load.is_none() && rep.cache.lease_state(&m.lease) == LeaseState::Loading {
-                // Blocks being promoted: wait for the promotions queued on the link.
-                (load_start, load_end) = (now, rep.h2d_background_free.max(now));
-            }
+            // Wait for every load on the path: this match's, and any another request or a
+            // promotion started (those already finished are no longer in `loads`).
+            let waits: Vec<(f64, f64)> = rep
+                .cache
+                .lease_transfers(&m.lease)
+                .iter()
+                .filter_map(|t| rep.loads.get(t).copied())
+                .collect();
+            let load_start = waits.iter().map(|w| w.0).reduce(f64::min).unwrap_or(now);
+            let load_end = waits.iter().map(|w| w.1).fold(now, f64::max);
             let ready_at = if self.cfg.cost.layerwise_overlap {
                 load_start + (load_end - load_start) / layers
             } else {
@@ -515,7 +546,7 @@ impl Sim<'_> {
             let prefill = (input - cached).max(1);
             rep.running.push(Run {
                 req: q,
-                lease: Some(m.lease),
+                lease: m.lease,
                 owned,
                 prefill_left: prefill,
                 context: input - prefill,
@@ -622,11 +653,9 @@ impl Sim<'_> {
                 let run = &rep.running[i];
                 let req = &trace.requests[run.req];
                 if run.prefill_left == 0 && run.generated >= req.output_tokens.max(1) {
-                    let mut run = rep.running.swap_remove(i);
-                    if let Some(lease) = run.lease.take() {
-                        rep.cache.release(lease);
-                    }
-                    rep.cache.free(std::mem::take(&mut run.owned));
+                    let run = rep.running.swap_remove(i);
+                    rep.cache.release(run.lease);
+                    rep.cache.free(run.owned);
                     self.res.completed += 1;
                     self.res.output_tokens += u64::from(run.generated);
                     self.e2e_sum += now - req.arrival_s;
@@ -649,9 +678,7 @@ impl Sim<'_> {
     fn insert_prompt(&mut self, r: usize, i: usize, now: f64) {
         let rep = &mut self.reps[r];
         let run = &mut rep.running[i];
-        let Some(lease) = run.lease.as_mut() else {
-            return;
-        };
+        let lease = &mut run.lease;
         let hashes = &self.hashes[run.req];
         let start = lease.blocks();
         if start >= hashes.len() {
@@ -764,6 +791,49 @@ mod tests {
             (wo - w - load * (1.0 - 1.0 / 32.0)).abs() < 0.2 * load,
             "with {w} without {wo} load {load}"
         );
+    }
+
+    #[test]
+    fn a_blocked_replica_wakes_when_a_copy_finishes() {
+        // Promotion fills the free slots with blocks still loading just before a request needs
+        // the whole device: admission must wait for the load, not stall forever.
+        let t = trace(vec![
+            req(0.0, &[1, 2, 3, 4], 1),
+            req(10.0, &[11, 12, 13, 14], 2048),
+            req(12.0, &[21, 22, 23, 24, 25, 26, 27], 1),
+            req(100.0, &[31], 1),
+        ]);
+        let mut c = cfg(PolicyKind::HotPrefix, 8 * 512, 32 * 512);
+        c.hotness.promotion_budget_bytes = 8 * 512 * c.cost.model.kv_bytes_per_token;
+        c.hotness.promotion_interval_s = 0.001;
+        let res = simulate(&t, &c, None).unwrap();
+        assert_eq!(res.completed, 4);
+    }
+
+    #[test]
+    fn a_request_sharing_an_in_flight_load_waits_for_it() {
+        // Two requests share a prefix that is on the host: the first starts the load, the
+        // second finds it loading and must not get its first token before the data arrives.
+        let prefix: Vec<u64> = (1..=40).collect();
+        let other: Vec<u64> = (100..160).collect();
+        let t = trace(vec![
+            req(0.0, &prefix, 1),
+            req(10.0, &other, 1),
+            req(20.0, &prefix, 1),
+            req(20.0, &prefix, 1),
+        ]);
+        let mut c = cfg(PolicyKind::LruOffload, 84 * 512, 200 * 512);
+        c.cost.layerwise_overlap = false;
+        let res = simulate(&t, &c, None).unwrap();
+        let load = c
+            .cost
+            .transfer_time(40 * 512 * c.cost.model.kv_bytes_per_token);
+        assert!(
+            res.ttft_s[0] >= load,
+            "fastest TTFT {} < load time {load}",
+            res.ttft_s[0]
+        );
+        assert!(res.ttft_s[1] >= load);
     }
 
     #[test]

@@ -256,8 +256,8 @@ fn sim_config(c: &Common, p: &Point) -> SimConfig {
     }
 }
 
-/// Merges repeated runs: TTFTs pooled, token and byte counters and means averaged per run,
-/// wall time summed.
+/// Merges repeated runs into one result with per-run means: TTFTs pooled (so quantiles are
+/// over all requests of all runs), every counter and mean divided by the number of runs.
 fn pool(runs: Vec<SimResult>) -> SimResult {
     let n = runs.len().max(1) as u64;
     let nf = n as f64;
@@ -266,8 +266,8 @@ fn pool(runs: Vec<SimResult>) -> SimResult {
         out.completed += r.completed;
         out.refused += r.refused;
         out.ttft_s.extend(r.ttft_s);
-        out.queue_mean_s += r.queue_mean_s / nf;
-        out.e2e_mean_s += r.e2e_mean_s / nf;
+        out.queue_mean_s += r.queue_mean_s;
+        out.e2e_mean_s += r.e2e_mean_s;
         out.prompt_tokens += r.prompt_tokens;
         out.device_hit_tokens += r.device_hit_tokens;
         out.host_hit_tokens += r.host_hit_tokens;
@@ -277,16 +277,16 @@ fn pool(runs: Vec<SimResult>) -> SimResult {
         out.wall_s += r.wall_s;
     }
     out.ttft_s.sort_by(f64::total_cmp);
-    // Per-run averages for the extensive quantities, so rows compare with single runs.
     out.completed /= n;
     out.refused /= n;
-    out.cache.h2d_bytes /= n;
-    out.cache.d2h_bytes /= n;
-    out.cache.device_evicted_blocks /= n;
-    out.cache.host_evicted_blocks /= n;
-    out.cache.admitted_blocks /= n;
-    out.cache.rejected_blocks /= n;
-    out.cache.promoted_blocks /= n;
+    out.queue_mean_s /= nf;
+    out.e2e_mean_s /= nf;
+    out.prompt_tokens /= n;
+    out.device_hit_tokens /= n;
+    out.host_hit_tokens /= n;
+    out.output_tokens /= n;
+    out.makespan_s /= nf;
+    out.cache = out.cache.div(n);
     out
 }
 
