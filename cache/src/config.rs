@@ -108,6 +108,8 @@ pub struct HotnessConfig {
     /// hit ratios and raised TTFT at every budget tried (docs/benchmarks.md), because it trades
     /// recently used device blocks for blocks that were hot long ago.
     pub promotion_margin: Option<f64>,
+    /// Count a queued request (`PrefixCache::hint_queued`) as an access of its cached prefix.
+    pub queue_hints: bool,
 }
 
 impl Default for HotnessConfig {
@@ -121,6 +123,7 @@ impl Default for HotnessConfig {
             write_through_hotness: None,
             depth_weight_tokens: 0.0,
             promotion_margin: None,
+            queue_hints: true,
         }
     }
 }

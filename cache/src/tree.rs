@@ -1145,6 +1145,31 @@ impl PrefixCache {
         out
     }
 
+    /// Tells the cache that a request for `hashes` has been queued and will be matched later.
+    /// Policies that look ahead (`hotprefix`) count it as an access of the cached part of its
+    /// prefix now, so the prefix is less likely to be evicted while the request waits; for the
+    /// others this does nothing. Takes no lock and moves nothing.
+    pub fn hint_queued(&mut self, hashes: &[BlockHash], now: f64) {
+        if !self.policy.uses_queue_hints() {
+            return;
+        }
+        let mut cur = ROOT;
+        let mut i = 0;
+        while i < hashes.len() {
+            let Some(&c) = self.nodes[cur as usize].children.get(&hashes[i]) else {
+                break;
+            };
+            let m = common_prefix(&self.nodes[c as usize].hashes, &hashes[i..]);
+            self.touch(c, now);
+            self.refresh(c);
+            i += m;
+            cur = c;
+            if m < self.nodes[c as usize].len() {
+                break;
+            }
+        }
+    }
+
     /// Whether the blocks of `lease` can be read now.
     ///
     /// # Panics

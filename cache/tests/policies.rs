@@ -524,3 +524,20 @@ fn host_slots_of_a_dropped_node_wait_for_its_store() {
     assert_eq!(c.usage().host_free, 2);
     c.check_invariants().unwrap();
 }
+
+#[test]
+fn a_queued_request_keeps_its_prefix_warm_under_hotprefix_only() {
+    // Device of 8: prefix `a` and then `b` are cached. A request for `a` is queued (hinted);
+    // a new prefix then needs room. With the hint, `b` is the colder one and goes.
+    for (policy, a_survives) in [(PolicyKind::HotPrefix, true), (PolicyKind::Lru, false)] {
+        let mut c = cache(policy, 8, 0);
+        let (a, b) = (chain(1, 4), chain(2, 4));
+        request(&mut c, &a, 0.0);
+        request(&mut c, &b, 1.0);
+        c.hint_queued(&a, 2.0);
+        request(&mut c, &chain(3, 4), 3.0);
+        assert_eq!(c.peek(&a).device_blocks == 4, a_survives, "{policy}");
+        assert_eq!(c.peek(&b).device_blocks == 4, !a_survives, "{policy}");
+        c.check_invariants().unwrap();
+    }
+}

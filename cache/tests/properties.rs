@@ -67,6 +67,8 @@ enum Op {
     Finish { transfer: u8, fail: bool },
     /// Advances the clock and runs periodic promotion.
     Tick { step: u8 },
+    /// A request for this prompt is queued: `hint_queued` (touches hotness, moves nothing).
+    Hint { root: u8, picks: Vec<u8> },
     /// A whole request at once: start, wait for its hit load, compute the rest, release (each
     /// call checked as a step of its own). These keep the tiers churning between the
     /// interleaved steps above.
@@ -86,6 +88,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         4 => (any::<u8>(), prop::bool::weighted(0.2))
             .prop_map(|(transfer, fail)| Op::Finish { transfer, fail }),
         1 => (0u8..5).prop_map(|step| Op::Tick { step }),
+        1 => (0u8..4, prop::collection::vec(any::<u8>(), 0..12))
+            .prop_map(|(root, picks)| Op::Hint { root, picks }),
         4 => (0u8..4, prop::collection::vec(any::<u8>(), 0..12))
             .prop_map(|(root, picks)| Op::Run { root, picks }),
     ]
@@ -321,6 +325,16 @@ impl Harness {
                 self.cache.tick(self.now);
             }
             Op::Run { root, picks } => return self.run(*root, picks),
+            Op::Hint { root, picks } => {
+                let hashes = self.prompt(*root, picks);
+                let before = self.cache.resident_blocks();
+                self.cache.hint_queued(&hashes, self.now);
+                prop_assert_eq!(
+                    before,
+                    self.cache.resident_blocks(),
+                    "a hint moved something"
+                );
+            }
         }
         self.take_transfers(&held, hit, retry)?;
         self.check_state()

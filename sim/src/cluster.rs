@@ -252,6 +252,8 @@ struct Replica {
     d2h_free: f64,
     loads: HashMap<TransferId, (f64, f64)>,
     pending_prefill: u64,
+    /// How many requests at the front of `waiting` have been hinted to the cache.
+    hinted: usize,
 }
 
 struct Sim<'a> {
@@ -322,6 +324,7 @@ pub fn simulate(
             d2h_free: 0.0,
             loads: HashMap::new(),
             pending_prefill: 0,
+            hinted: 0,
         });
     }
     let started = Instant::now();
@@ -490,6 +493,7 @@ impl Sim<'_> {
                 .max(req.blocks.len() as u64);
             if total_blocks > self.device_blocks {
                 self.reps[r].waiting.pop_front();
+                self.reps[r].hinted = self.reps[r].hinted.saturating_sub(1);
                 self.reps[r].pending_prefill -= input;
                 self.res.refused += 1;
                 continue;
@@ -521,6 +525,7 @@ impl Sim<'_> {
             self.schedule_transfers(r, now);
             let rep = &mut self.reps[r];
             rep.waiting.pop_front();
+            rep.hinted = rep.hinted.saturating_sub(1);
             // Wait for every load on the path: this match's, and any another request or a
             // promotion started (those already finished are no longer in `loads`).
             let waits: Vec<(f64, f64)> = rep
@@ -561,6 +566,13 @@ impl Sim<'_> {
         self.reps[r].cache.tick(now);
         self.schedule_transfers(r, now);
         self.admit(r, now);
+        // Requests that could not be admitted now will be: tell the cache once per request, as
+        // an engine's scheduler would after each scheduling pass.
+        let rep = &mut self.reps[r];
+        for &q in rep.waiting.iter().skip(rep.hinted) {
+            rep.cache.hint_queued(&self.hashes[q], now);
+        }
+        rep.hinted = rep.waiting.len();
         let rep = &mut self.reps[r];
         rep.step.clear();
         let mut budget = self.cfg.step_tokens;

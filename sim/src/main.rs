@@ -114,6 +114,9 @@ struct Common {
     /// promotion only fills free device slots).
     #[arg(long)]
     promotion_margin: Option<f64>,
+    /// `hotprefix`: ignore queued requests (no look-ahead hints).
+    #[arg(long)]
+    no_queue_hints: bool,
     /// Turn off layer-wise overlap of host-tier loads with compute.
     #[arg(long)]
     no_overlap: bool,
@@ -238,6 +241,7 @@ fn sim_config(c: &Common, p: &Point) -> SimConfig {
         write_through_hotness: (c.write_through > 0.0).then_some(c.write_through),
         promotion_budget_bytes: c.promotion_budget,
         promotion_margin: c.promotion_margin,
+        queue_hints: !c.no_queue_hints,
         ..HotnessConfig::default()
     };
     SimConfig {

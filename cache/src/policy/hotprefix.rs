@@ -71,6 +71,9 @@ impl Policy for HotPrefixPolicy {
             margin: self.cfg.promotion_margin,
         })
     }
+    fn uses_queue_hints(&self) -> bool {
+        self.cfg.queue_hints
+    }
     fn write_through(&self, n: &NodeInfo, now: f64) -> bool {
         self.cfg
             .write_through_hotness

@@ -65,6 +65,10 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
     fn promotion(&self) -> Option<Promotion> {
         None
     }
+    /// Whether [`crate::PrefixCache::hint_queued`] counts a queued request as an access.
+    fn uses_queue_hints(&self) -> bool {
+        false
+    }
     /// Whether a device node that has just been accessed should also be copied to the host now
     /// (`now` in half-lives).
     fn write_through(&self, _n: &NodeInfo, _now: f64) -> bool {
