@@ -923,26 +923,13 @@ impl PrefixCache {
     /// of the path, and starts loading its host-only part to the device (as far as device room
     /// allows). `query_tokens` is the prompt length, for hit/miss token counters.
     pub fn match_hashes(&mut self, hashes: &[BlockHash], query_tokens: usize, now: f64) -> Match {
-        let mut path = Vec::new();
-        let mut cur = ROOT;
-        let mut i = 0;
-        while i < hashes.len() {
-            let Some(&c) = self.nodes[cur as usize].children.get(&hashes[i]) else {
-                break;
-            };
-            let n = &self.nodes[c as usize];
-            if !(n.dev_present() || n.host == HostState::Ready) {
-                break;
-            }
-            let m = common_prefix(&n.hashes, &hashes[i..]);
-            let whole = m == n.len();
-            let c = if whole { c } else { self.split(c, m) };
-            path.push(c);
-            i += m;
-            cur = c;
-            if !whole {
-                break;
-            }
+        let walked = self.walk(hashes);
+        let mut path: Vec<u32> = walked.iter().map(|&(c, _)| c).collect();
+        if let (Some(last), Some(&(c, m))) = (path.last_mut(), walked.last())
+            && m < self.nodes[c as usize].len()
+        {
+            // The match ends inside this node: split it so the lease covers exactly the match.
+            *last = self.split(c, m);
         }
         if let Some(&last) = path.last() {
             self.add_lock(last, ROOT, 1);
@@ -1067,6 +1054,21 @@ impl PrefixCache {
     /// more on the host. Changes no hotness and takes no lock (for ordering and routing).
     pub fn peek(&self, hashes: &[BlockHash]) -> Peek {
         let mut out = Peek::default();
+        for (c, m) in self.walk(hashes) {
+            if self.nodes[c as usize].dev_present() {
+                out.device_blocks += m;
+            } else {
+                out.host_blocks += m;
+            }
+        }
+        out
+    }
+
+    /// The usable path a match of `hashes` would take, without splitting: each node on the
+    /// device or readable on the host, with how many of its blocks match (all but maybe the
+    /// last's). Device presence is prefix-closed, so device nodes come first.
+    fn walk(&self, hashes: &[BlockHash]) -> Vec<(u32, usize)> {
+        let mut path = Vec::new();
         let mut cur = ROOT;
         let mut i = 0;
         while i < hashes.len() {
@@ -1074,21 +1076,18 @@ impl PrefixCache {
                 break;
             };
             let n = &self.nodes[c as usize];
+            if !(n.dev_present() || n.host == HostState::Ready) {
+                break;
+            }
             let m = common_prefix(&n.hashes, &hashes[i..]);
-            if n.dev_present() && out.host_blocks == 0 {
-                out.device_blocks += m;
-            } else if n.host == HostState::Ready {
-                out.host_blocks += m;
-            } else {
+            path.push((c, m));
+            if m < n.len() {
                 break;
             }
             i += m;
             cur = c;
-            if m < n.len() {
-                break;
-            }
         }
-        out
+        path
     }
 
     /// Whether matching `hashes` now (loading its host part in full) and then allocating
@@ -1096,28 +1095,15 @@ impl PrefixCache {
     /// this before admitting a request, so that a request it cannot admit yet leaves no trace:
     /// no hotness counted, no load started, no eviction made.
     pub fn fits(&self, hashes: &[BlockHash], new_blocks: usize) -> bool {
-        let mut cur = ROOT;
-        let mut i = 0;
         let mut host_blocks = 0;
         // Device blocks of the path that are reclaimable now but would be locked by the match.
         let mut path_reclaim = 0;
-        while i < hashes.len() {
-            let Some(&c) = self.nodes[cur as usize].children.get(&hashes[i]) else {
-                break;
-            };
+        for (c, m) in self.walk(hashes) {
             let n = &self.nodes[c as usize];
-            let m = common_prefix(&n.hashes, &hashes[i..]);
-            if n.dev_present() && host_blocks == 0 {
+            if n.dev_present() {
                 path_reclaim += n.reclaim.min(m);
-            } else if n.host == HostState::Ready {
-                host_blocks += m;
             } else {
-                break;
-            }
-            i += m;
-            cur = c;
-            if m < n.len() {
-                break;
+                host_blocks += m;
             }
         }
         let available = self.dev_pool.free_count() + self.reclaimable - path_reclaim;
@@ -1153,20 +1139,9 @@ impl PrefixCache {
         if !self.policy.uses_queue_hints() {
             return;
         }
-        let mut cur = ROOT;
-        let mut i = 0;
-        while i < hashes.len() {
-            let Some(&c) = self.nodes[cur as usize].children.get(&hashes[i]) else {
-                break;
-            };
-            let m = common_prefix(&self.nodes[c as usize].hashes, &hashes[i..]);
+        for (c, _) in self.walk(hashes) {
             self.touch(c, now);
             self.refresh(c);
-            i += m;
-            cur = c;
-            if m < self.nodes[c as usize].len() {
-                break;
-            }
         }
     }
 

@@ -468,17 +468,13 @@ fn cmd_sim(a: SimArgs) -> Result<()> {
         })
         .collect();
     let rows = run_grid(&a.common, &trace, &points)?;
-    println!(
-        "trace {} ({} requests), {} x {} on {}, router {}, device {} tokens, host {} tokens, time scale {}\n",
-        trace.name,
-        trace.requests.len(),
-        a.common.replicas,
-        a.common.model.name,
-        a.common.gpu.name,
-        a.common.router,
-        device_tokens,
-        host_tokens,
-        a.time_scale
+    print_header(
+        &trace,
+        &a.common,
+        &format!(
+            "device {device_tokens} tokens, host {host_tokens} tokens, time scale {}",
+            a.time_scale
+        ),
     );
     print!("{}", markdown_table(&rows));
     if let Some(out) = &a.common.out {
@@ -487,6 +483,19 @@ fn cmd_sim(a: SimArgs) -> Result<()> {
         eprintln!("wrote {}", out.join("results.csv").display());
     }
     Ok(())
+}
+
+/// The line above a results table: what was replayed, on what, how.
+fn print_header(trace: &Trace, c: &Common, setup: &str) {
+    println!(
+        "trace {} ({} requests), {} x {} on {}, router {}, {setup}\n",
+        trace.name,
+        trace.requests.len(),
+        c.replicas,
+        c.model.name,
+        c.gpu.name,
+        c.router,
+    );
 }
 
 fn write_results(out: &Path, rows: &[ResultRow]) -> Result<()> {
@@ -595,15 +604,10 @@ fn cmd_sweep(a: SweepArgs) -> Result<()> {
         }
     }
     let rows = run_grid(&a.common, &trace, &points)?;
-    println!(
-        "trace {} ({} requests), {} x {} on {}, router {}, host = {}x device\n",
-        trace.name,
-        trace.requests.len(),
-        a.common.replicas,
-        a.common.model.name,
-        a.common.gpu.name,
-        a.common.router,
-        a.host_ratio
+    print_header(
+        &trace,
+        &a.common,
+        &format!("host = {}x device", a.host_ratio),
     );
     print!("{}", markdown_table(&rows));
     if let Some(out) = &a.common.out {
