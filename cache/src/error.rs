@@ -20,6 +20,10 @@ pub enum CacheError {
     /// A lease was given to a cache that did not issue it.
     #[error("the lease was issued by another cache")]
     ForeignLease,
+    /// A slot given to `insert` or `free` was not handed out by `allocate` (or was already
+    /// returned, or is listed twice).
+    #[error("slot {} was not handed out by allocate, or was already returned", .0.0)]
+    NotHandedOut(crate::SlotId),
     /// `insert` was given a different number of hashes and slots.
     #[error("insert got {hashes} block hashes but {slots} slots")]
     LengthMismatch {

@@ -342,6 +342,8 @@ pub struct PrefixCache {
     dev_pool: SlotPool,
     host_pool: SlotPool,
     outstanding: usize,
+    /// Which device slots `allocate` handed out and were not yet inserted or freed.
+    handed_out: Vec<bool>,
     dev_set: BTreeSet<Key>,
     host_set: BTreeSet<Key>,
     promo_set: BTreeSet<Key>,
@@ -374,6 +376,7 @@ impl PrefixCache {
         };
         let mut root = Node::new(ROOT, Vec::new(), 0);
         root.dev = DevState::Ready;
+        let device_blocks = cfg.device_blocks as usize;
         let capacity = u64::from(cfg.device_blocks) + u64::from(host_blocks);
         let h = &cfg.hotness;
         let clock = match h.half_life_turnovers {
@@ -388,6 +391,7 @@ impl PrefixCache {
             nodes: vec![root],
             free_nodes: Vec::new(),
             outstanding: 0,
+            handed_out: vec![false; device_blocks],
             dev_set: BTreeSet::new(),
             host_set: BTreeSet::new(),
             promo_set: BTreeSet::new(),
@@ -888,6 +892,9 @@ impl PrefixCache {
         match self.take_device(n, now, None) {
             Some(slots) => {
                 self.outstanding += n;
+                for s in &slots {
+                    self.handed_out[s.0 as usize] = true;
+                }
                 self.allocated_blocks += n as u64;
                 Ok(slots)
             }
@@ -899,9 +906,30 @@ impl PrefixCache {
     }
 
     /// Returns slots from `allocate` that were never inserted.
-    pub fn free(&mut self, slots: Vec<SlotId>) {
-        self.outstanding = self.outstanding.saturating_sub(slots.len());
+    ///
+    /// Fails, changing nothing, if a slot was not handed out by `allocate` or is listed twice:
+    /// giving it back would put a slot in use on the free list.
+    pub fn free(&mut self, slots: Vec<SlotId>) -> Result<(), CacheError> {
+        self.check_handed_out(&slots)?;
+        for s in &slots {
+            self.handed_out[s.0 as usize] = false;
+        }
+        self.outstanding -= slots.len();
         self.dev_pool.give_back(slots);
+        Ok(())
+    }
+
+    /// Checks that every slot is one `allocate` handed out and not yet returned, once.
+    fn check_handed_out(&self, slots: &[SlotId]) -> Result<(), CacheError> {
+        let mut sorted = slots.to_vec();
+        sorted.sort_unstable();
+        for (k, s) in sorted.iter().enumerate() {
+            let owned = self.handed_out.get(s.0 as usize).copied().unwrap_or(false);
+            if !owned || (k > 0 && sorted[k - 1] == *s) {
+                return Err(CacheError::NotHandedOut(*s));
+            }
+        }
+        Ok(())
     }
 
     // ----- matching ---------------------------------------------------------------------------
@@ -1179,6 +1207,7 @@ impl PrefixCache {
         if lease.cache != self.id {
             return Err(CacheError::ForeignLease);
         }
+        self.check_handed_out(slots)?;
         if hashes.len() != slots.len() {
             return Err(CacheError::LengthMismatch {
                 hashes: hashes.len(),
@@ -1233,7 +1262,10 @@ impl PrefixCache {
             self.nodes[e as usize].lock += 1;
             self.refresh(e);
         }
-        self.outstanding = self.outstanding.saturating_sub(i);
+        for s in &slots[..i] {
+            self.handed_out[s.0 as usize] = false;
+        }
+        self.outstanding -= i;
         lease.node = cur;
         lease.blocks += i;
         Ok(Inserted {
@@ -1591,6 +1623,13 @@ impl PrefixCache {
         }
         for &s in self.dev_pool.free_slots() {
             mark(&mut dev_seen, s, "free device")?;
+        }
+        let handed_out = self.handed_out.iter().filter(|&&h| h).count();
+        if handed_out != self.outstanding {
+            return Err(format!(
+                "{handed_out} slots marked handed out, {} counted",
+                self.outstanding
+            ));
         }
         if dev_in_tree + self.dev_pool.free_count() + self.outstanding
             != self.dev_pool.capacity() as usize

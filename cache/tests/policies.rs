@@ -253,7 +253,7 @@ fn without_a_margin_promotion_only_fills_free_device_slots() {
     );
     // Free the device: allocate everything (evicting the cold prefix) and give it back.
     let all = c.allocate(8, 12.0).unwrap();
-    c.free(all);
+    c.free(all).unwrap();
     finish_transfers(&mut c);
     c.tick(13.0);
     let t = c.take_transfers();
@@ -393,7 +393,7 @@ fn match_by_tokens_hashes_with_the_protocol_scheme() {
     assert_eq!(m.cached_tokens, 32);
     assert_eq!(m.slots, slots);
     let free: Vec<SlotId> = Vec::new();
-    c.free(free);
+    c.free(free).unwrap();
     c.release(m.lease);
 }
 
@@ -430,7 +430,7 @@ fn a_lease_from_another_cache_is_refused() {
     let err = b.insert(&mut lease, &h, &slots, 0.0).unwrap_err();
     assert_eq!(err, hotprefix_cache::CacheError::ForeignLease);
     a.release(lease);
-    b.free(slots);
+    b.free(slots).unwrap();
     a.check_invariants().unwrap();
     b.check_invariants().unwrap();
 }
@@ -540,4 +540,27 @@ fn a_queued_request_keeps_its_prefix_warm_under_hotprefix_only() {
         assert_eq!(c.peek(&b).device_blocks == 4, !a_survives, "{policy}");
         c.check_invariants().unwrap();
     }
+}
+
+#[test]
+fn slots_not_handed_out_are_refused_by_free_and_insert() {
+    let mut c = cache(PolicyKind::Lru, 8, 0);
+    let s = c.allocate(2, 0.0).unwrap();
+    let err = c.free(vec![SlotId(7)]).unwrap_err();
+    assert_eq!(err, hotprefix_cache::CacheError::NotHandedOut(SlotId(7)));
+    assert!(c.free(vec![s[0], s[0]]).is_err(), "a slot listed twice");
+    let m = c.match_hashes(&chain(1, 2), 32, 0.0);
+    let mut lease = m.lease;
+    assert!(
+        c.insert(&mut lease, &chain(1, 2), &[s[0], SlotId(6)], 0.0)
+            .is_err()
+    );
+    assert_eq!(c.usage().device_outstanding, 2, "nothing changed");
+    c.insert(&mut lease, &chain(1, 2), &s, 0.0).unwrap();
+    assert!(
+        c.free(s.clone()).is_err(),
+        "inserted slots belong to the tree"
+    );
+    c.release(lease);
+    c.check_invariants().unwrap();
 }

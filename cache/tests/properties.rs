@@ -310,7 +310,9 @@ impl Harness {
                     let r = &mut self.live[i];
                     let n = (*count as usize % 4).min(r.pending.len());
                     let freed = r.pending.split_off(r.pending.len() - n);
-                    self.cache.free(freed);
+                    self.cache
+                        .free(freed)
+                        .expect("the test frees only slots it holds");
                 }
             }
             Op::Release { req } => {
@@ -367,7 +369,9 @@ impl Harness {
 
     fn end(&mut self, i: usize) {
         let r = self.live.swap_remove(i);
-        self.cache.free(r.pending);
+        self.cache
+            .free(r.pending)
+            .expect("the test frees only slots it holds");
         self.cache.release(r.lease);
     }
 
@@ -810,7 +814,9 @@ impl Harness {
             .cache
             .allocate(u.device_capacity as usize, self.now)
             .map_err(|e| TestCaseError::fail(format!("drained cache cannot allocate: {e}")))?;
-        self.cache.free(all);
+        self.cache
+            .free(all)
+            .expect("the test frees only slots it holds");
         self.take_transfers(&held, None, None)?;
         self.check_state()
     }

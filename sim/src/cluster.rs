@@ -667,7 +667,8 @@ impl Sim<'_> {
                 if run.prefill_left == 0 && run.generated >= req.output_tokens.max(1) {
                     let run = rep.running.swap_remove(i);
                     rep.cache.release(run.lease);
-                    rep.cache.free(run.owned);
+                    let freed = rep.cache.free(run.owned);
+                    debug_assert!(freed.is_ok(), "the simulator frees only slots it holds");
                     self.res.completed += 1;
                     self.res.output_tokens += u64::from(run.generated);
                     self.e2e_sum += now - req.arrival_s;
