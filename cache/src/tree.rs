@@ -910,23 +910,24 @@ impl PrefixCache {
     /// Fails, changing nothing, if a slot was not handed out by `allocate` or is listed twice:
     /// giving it back would put a slot in use on the free list.
     pub fn free(&mut self, slots: Vec<SlotId>) -> Result<(), CacheError> {
-        self.check_handed_out(&slots)?;
-        for s in &slots {
-            self.handed_out[s.0 as usize] = false;
-        }
+        self.claim(&slots)?;
         self.outstanding -= slots.len();
         self.dev_pool.give_back(slots);
         Ok(())
     }
 
-    /// Checks that every slot is one `allocate` handed out and not yet returned, once.
-    fn check_handed_out(&self, slots: &[SlotId]) -> Result<(), CacheError> {
-        let mut sorted = slots.to_vec();
-        sorted.sort_unstable();
-        for (k, s) in sorted.iter().enumerate() {
-            let owned = self.handed_out.get(s.0 as usize).copied().unwrap_or(false);
-            if !owned || (k > 0 && sorted[k - 1] == *s) {
-                return Err(CacheError::NotHandedOut(*s));
+    /// Takes back the caller's ownership of `slots`, all or nothing: each must be one that
+    /// `allocate` handed out and that was not returned since, listed once.
+    fn claim(&mut self, slots: &[SlotId]) -> Result<(), CacheError> {
+        for (k, s) in slots.iter().enumerate() {
+            match self.handed_out.get_mut(s.0 as usize) {
+                Some(owned @ true) => *owned = false,
+                _ => {
+                    for taken in &slots[..k] {
+                        self.handed_out[taken.0 as usize] = true;
+                    }
+                    return Err(CacheError::NotHandedOut(*s));
+                }
             }
         }
         Ok(())
@@ -1207,13 +1208,13 @@ impl PrefixCache {
         if lease.cache != self.id {
             return Err(CacheError::ForeignLease);
         }
-        self.check_handed_out(slots)?;
         if hashes.len() != slots.len() {
             return Err(CacheError::LengthMismatch {
                 hashes: hashes.len(),
                 slots: slots.len(),
             });
         }
+        self.claim(slots)?;
         let mut cur = lease.node;
         let mut i = 0;
         let mut canonical = Vec::with_capacity(slots.len());
@@ -1262,8 +1263,9 @@ impl PrefixCache {
             self.nodes[e as usize].lock += 1;
             self.refresh(e);
         }
-        for s in &slots[..i] {
-            self.handed_out[s.0 as usize] = false;
+        // The blocks after a stop stay the caller's.
+        for s in &slots[i..] {
+            self.handed_out[s.0 as usize] = true;
         }
         self.outstanding -= i;
         lease.node = cur;
