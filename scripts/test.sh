@@ -17,6 +17,9 @@ if [ ! -f ../shared/traces/mooncake_fast25_conversation_trace.jsonl ]; then
     exit 1
 fi
 
+# The default model file, which the engine's tests read (idempotent, checksum verified).
+bash scripts/fetch-model.sh
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
