@@ -149,9 +149,12 @@ struct Node {
     /// Children whose device state is not `Absent`.
     dev_children: u32,
     /// Whether this node's device copy cannot be evicted for now regardless of locks: it is
-    /// loading, or its host copy is being written from it.
+    /// loading, or a write-through store is reading it.
     pinned: bool,
-    /// Pinned nodes strictly below this one (they keep it from becoming a device leaf).
+    /// Whether a write-through store reads this node's current device slots.
+    store_source: bool,
+    /// Children whose subtree holds a pinned node (they keep this one from becoming a device
+    /// leaf, so its blocks are not reclaimable).
     pinned_below: u32,
     /// Device blocks of this node counted in `PrefixCache::reclaimable`.
     reclaim: usize,
@@ -179,6 +182,7 @@ impl Node {
             lock: 0,
             dev_children: 0,
             pinned: false,
+            store_source: false,
             pinned_below: 0,
             reclaim: 0,
             hot: Hotness::default(),
@@ -299,6 +303,9 @@ pub struct ResidentBlock {
     pub host_ready: bool,
     /// Being written to the host.
     pub host_writing: bool,
+    /// Its device copy is the source of an in-flight write-through store (so it cannot be
+    /// evicted until that finishes).
+    pub store_source: bool,
     /// Held by at least one lease.
     pub locked: bool,
 }
@@ -467,11 +474,14 @@ impl PrefixCache {
             return;
         }
         let n = &self.nodes[id as usize];
-        let pinned = matches!(n.dev, DevState::Loading(_))
-            || (n.dev == DevState::Ready && matches!(n.host, HostState::Writing(_)));
+        let pinned = matches!(n.dev, DevState::Loading(_)) || n.store_source;
         if pinned != n.pinned {
+            let before = n.pinned || n.pinned_below > 0;
+            let after = pinned || n.pinned_below > 0;
             self.nodes[id as usize].pinned = pinned;
-            self.adjust_pinned_below(id, pinned);
+            if before != after {
+                self.propagate_pinned(id, after);
+            }
         }
         let info = self.info(id);
         let n = &self.nodes[id as usize];
@@ -504,19 +514,26 @@ impl PrefixCache {
         n.reclaim = reclaim;
     }
 
-    /// A node became pinned (or stopped being): its ancestors count it in `pinned_below`, which
-    /// decides whether their blocks are reclaimable.
-    fn adjust_pinned_below(&mut self, id: u32, pinned: bool) {
+    /// Whether `id`'s subtree holds a pinned node (`has`) changed: its parent counts it in
+    /// `pinned_below`, and so on up while an ancestor's own answer flips. Stopping at the first
+    /// ancestor that does not flip keeps a deep chain of loads linear, not quadratic.
+    fn propagate_pinned(&mut self, id: u32, has: bool) {
         let mut cur = self.nodes[id as usize].parent;
         while cur != ROOT {
             let n = &mut self.nodes[cur as usize];
-            if pinned {
+            let before = n.pinned || n.pinned_below > 0;
+            if has {
                 n.pinned_below += 1;
             } else {
                 n.pinned_below -= 1;
             }
+            let after = n.pinned || n.pinned_below > 0;
             let parent = n.parent;
+            // Its own `pinned` is unchanged, so this refresh does not propagate again.
             self.refresh(cur);
+            if before == after {
+                break;
+            }
             cur = parent;
         }
     }
@@ -623,7 +640,8 @@ impl PrefixCache {
             upper.dev_children = u32::from(n.dev_present());
             // The upper part is not counted as pinned yet: `refresh` below counts it (and adds it
             // to its ancestors) if it is.
-            upper.pinned_below = n.pinned_below + u32::from(n.pinned);
+            upper.pinned_below = u32::from(n.pinned || n.pinned_below > 0);
+            upper.store_source = n.store_source;
             upper.hot = n.hot;
             upper.last_access = n.last_access;
             upper.accesses = n.accesses;
@@ -668,14 +686,15 @@ impl PrefixCache {
         let dev_slots = std::mem::take(&mut n.dev_slots);
         let host_slots = std::mem::take(&mut n.host_slots);
         let keys = (n.dev_key.take(), n.host_key.take(), n.promo_key.take());
-        let (pinned, reclaim, host) = (n.pinned, n.reclaim, n.host);
+        let (pinned, reclaim, host) = (n.pinned || n.pinned_below > 0, n.reclaim, n.host);
         n.alive = false;
         n.hashes = Vec::new();
         n.pinned = false;
+        n.store_source = false;
         n.reclaim = 0;
         self.reclaimable -= reclaim;
         if pinned {
-            self.adjust_pinned_below(id, false);
+            self.propagate_pinned(id, false);
         }
         self.dev_pool.give_back(dev_slots);
         match host {
@@ -832,7 +851,11 @@ impl PrefixCache {
             .collect();
         n.host_slots = host_slots;
         let t = self.new_transfer(TransferKind::Store, cause, vec![id], copies);
-        self.nodes[id as usize].host = HostState::Writing(t);
+        let n = &mut self.nodes[id as usize];
+        n.host = HostState::Writing(t);
+        // An eviction store reads slots that are already free again; a write-through store
+        // reads the slots the node keeps, which must not be evicted and reused until it is done.
+        n.store_source = cause == TransferCause::WriteThrough;
     }
 
     /// Gives a host-only node the device `slots` it will be loaded into and marks it loading
@@ -1136,7 +1159,7 @@ impl PrefixCache {
             }
         }
         let available = self.dev_pool.free_count() + self.reclaimable - path_reclaim;
-        host_blocks + new_blocks <= available
+        host_blocks <= available && new_blocks <= available - host_blocks
     }
 
     /// The loads the blocks of `lease` still wait for (empty when it is ready), including loads
@@ -1301,7 +1324,10 @@ impl PrefixCache {
     }
 
     /// Reports that a transfer finished; its blocks become readable in the destination tier.
-    /// Unknown or superseded transfers (their nodes were dropped meanwhile) are ignored.
+    /// Every transfer taken from [`PrefixCache::take_transfers`] must be reported, by this or by
+    /// [`PrefixCache::fail_transfer`], even when its nodes were dropped meanwhile (then the call
+    /// only releases the host slots the copy was writing, see [`Usage::host_held`]). Unknown ids
+    /// are ignored.
     pub fn complete_transfer(&mut self, id: TransferId) {
         let Some(f) = self.inflight.remove(&id) else {
             return;
@@ -1320,6 +1346,7 @@ impl PrefixCache {
                 }
                 TransferKind::Store if n.host == HostState::Writing(id) => {
                     n.host = HostState::Ready;
+                    n.store_source = false;
                     self.refresh(node);
                 }
                 _ => {}
@@ -1352,6 +1379,7 @@ impl PrefixCache {
                 TransferKind::Store if n.host == HostState::Writing(id) => {
                     let slots = std::mem::take(&mut n.host_slots);
                     n.host = HostState::Absent;
+                    n.store_source = false;
                     self.host_pool.give_back(slots);
                     if n.dev == DevState::Absent {
                         // Not matchable while its store was in flight, so no lease holds it.
@@ -1389,7 +1417,22 @@ impl PrefixCache {
             // Lock the path so making room cannot evict the parent the candidate hangs from.
             self.add_lock(cand, ROOT, 1);
             let limit = promo.margin.map_or(f64::NEG_INFINITY, |m| prio - m);
-            let slots = self.take_device(len, now, Some(limit));
+            // Evict only if the leaves colder than the limit make enough room: a promotion that
+            // gives up halfway must not have evicted anything for nothing. (Leaves that would
+            // become evictable once their children go are not counted, so this may promote less
+            // than it could.)
+            let mut room = self.dev_pool.free_count();
+            for k in self.dev_set.iter().take_while(|k| k.0 < limit) {
+                if room >= len {
+                    break;
+                }
+                room += self.nodes[k.1 as usize].len();
+            }
+            let slots = if room >= len {
+                self.take_device(len, now, Some(limit))
+            } else {
+                None
+            };
             self.add_lock(cand, ROOT, -1);
             let Some(slots) = slots else { break };
             // Present from now on, so its children become candidates top-down.
@@ -1461,6 +1504,7 @@ impl PrefixCache {
                     device_loading: matches!(n.dev, DevState::Loading(_)),
                     host_ready: n.host == HostState::Ready,
                     host_writing: matches!(n.host, HostState::Writing(_)),
+                    store_source: n.store_source,
                     locked: n.lock > 0,
                 });
             }
@@ -1539,8 +1583,14 @@ impl PrefixCache {
                     n.dev_children
                 ));
             }
-            let pinned = matches!(n.dev, DevState::Loading(_))
-                || (n.dev == DevState::Ready && matches!(n.host, HostState::Writing(_)));
+            if n.store_source
+                && !(n.dev == DevState::Ready && matches!(n.host, HostState::Writing(_)))
+            {
+                return Err(format!(
+                    "node {id} is a store source without a store reading it"
+                ));
+            }
+            let pinned = matches!(n.dev, DevState::Loading(_)) || n.store_source;
             if pinned != n.pinned {
                 return Err(format!(
                     "node {id} pinned flag {} but state says {pinned}",
@@ -1550,10 +1600,11 @@ impl PrefixCache {
             let pinned_below: u32 = n
                 .children
                 .values()
-                .map(|&c| {
-                    self.nodes[c as usize].pinned_below + u32::from(self.nodes[c as usize].pinned)
+                .filter(|&&c| {
+                    let c = &self.nodes[c as usize];
+                    c.pinned || c.pinned_below > 0
                 })
-                .sum();
+                .count() as u32;
             if pinned_below != n.pinned_below {
                 return Err(format!(
                     "node {id} counts {} pinned below, has {pinned_below}",

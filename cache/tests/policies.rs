@@ -564,3 +564,67 @@ fn slots_not_handed_out_are_refused_by_free_and_insert() {
     c.release(lease);
     c.check_invariants().unwrap();
 }
+
+#[test]
+fn a_node_recomputed_while_its_eviction_store_is_in_flight_stays_evictable() {
+    // The store reads the old device slots (already free again); the fresh copy inserted by a
+    // new request is nobody's source and must not block the device.
+    let mut c = cache(PolicyKind::LruOffload, 4, 8);
+    let a = chain(1, 4);
+    request(&mut c, &a, 0.0);
+    let evicting = c.allocate(4, 1.0).unwrap(); // evicts `a`: its store is now in flight
+    let store = c.take_transfers();
+    assert_eq!(store.len(), 1);
+    c.free(evicting).unwrap();
+    let m = c.match_hashes(&a, 64, 2.0);
+    assert_eq!(
+        m.blocks(),
+        0,
+        "a host copy still being written is not matchable"
+    );
+    let mut lease = m.lease;
+    let s = c.allocate(4, 2.0).unwrap();
+    c.insert(&mut lease, &a, &s, 2.0).unwrap();
+    c.release(lease);
+    assert_eq!(c.reclaimable_device_blocks(), 4);
+    assert_eq!(c.allocate(1, 3.0).unwrap().len(), 1);
+    c.check_invariants().unwrap();
+    finish_transfers_from(&mut c, store);
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn fits_does_not_overflow_on_huge_requests() {
+    let mut c = cache(PolicyKind::LruOffload, 4, 8);
+    let a = chain(1, 2);
+    request(&mut c, &a, 0.0);
+    request(&mut c, &chain(2, 4), 1.0); // `a` goes to host
+    assert_eq!(c.peek(&a).host_blocks, 2);
+    assert!(!c.fits(&a, usize::MAX));
+    assert!(c.fits(&a, 2));
+}
+
+#[test]
+fn a_promotion_that_cannot_make_room_evicts_nothing() {
+    let mut cfg = CacheConfig::new(PolicyKind::HotPrefix, 16, 1024, 4, 16);
+    cfg.hotness.promotion_budget_bytes = 2 * 1024;
+    cfg.hotness.promotion_margin = Some(0.0);
+    cfg.hotness.half_life_turnovers = None;
+    let mut c = PrefixCache::new(cfg).unwrap();
+    let (h, w, cold) = (chain(1, 2), chain(2, 3), chain(3, 1));
+    for t in 0..5 {
+        request(&mut c, &h, t as f64);
+    }
+    for t in 5..15 {
+        request(&mut c, &w, t as f64); // pushes `h` to host
+    }
+    request(&mut c, &cold, 15.0);
+    assert_eq!(c.peek(&h).host_blocks, 2);
+    let evicted = c.stats().device_evicted_blocks;
+    c.tick(16.0);
+    // Room for `h` needs `cold` and `w` gone, and `w` is hotter than `h`: nothing happens.
+    assert_eq!(c.stats().device_evicted_blocks, evicted);
+    assert_eq!(c.stats().promoted_blocks, 0);
+    assert_eq!(c.peek(&cold).device_blocks, 1);
+    c.check_invariants().unwrap();
+}

@@ -262,13 +262,9 @@ impl Harness {
         let also: HashSet<BlockHash> = also_locked.iter().copied().collect();
         let mut blocked: HashSet<BlockHash> = HashSet::new();
         for b in blocks {
-            // Loading, locked, or being written to host from its device copy: not evictable, and
+            // Loading, locked, or the source of a write-through store: not evictable, and
             // neither is anything above it.
-            if b.device_loading
-                || (b.device_ready && b.host_writing)
-                || b.locked
-                || also.contains(&b.hash)
-            {
+            if b.device_loading || b.store_source || b.locked || also.contains(&b.hash) {
                 let mut cur = b.hash;
                 while cur != BlockHash::ROOT && blocked.insert(cur) {
                     cur = self.parents[&cur];
