@@ -1,4 +1,5 @@
-//! HotPrefix's inference engine. So far: reading model files ([`gguf`]); the model, backends,
-//! scheduler and HTTP server follow (issue 3).
+//! HotPrefix's inference engine. So far: reading model files ([`gguf`]) and tokenising
+//! ([`tokenizer`]); the model, backends, scheduler and HTTP server follow (issue 3).
 
 pub mod gguf;
+pub mod tokenizer;
