@@ -73,3 +73,34 @@ fn text_round_trips_exactly() {
         assert_eq!(t.decode(&ids, false).unwrap(), text, "{ids:?}");
     }
 }
+
+#[test]
+fn the_model_chat_template_renders_chatml_with_its_default_system_prompt() {
+    use hotprefix_engine::chat::{ChatMessage, ChatTemplate};
+    let path = std::env::var_os("HOTPREFIX_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+            ))
+        });
+    let g = GgufFile::open(&path).unwrap();
+    let source = g.meta_str("tokenizer.chat_template").unwrap();
+    let t = ChatTemplate::new(source, "<|im_start|>", "<|im_end|>").unwrap();
+    let prompt = t
+        .render(
+            &[ChatMessage::new("user", "What is the capital of France?")],
+            true,
+        )
+        .unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\
+         <|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n\
+         <|im_start|>assistant\n"
+    );
+    let ids = tokenizer().encode(&prompt).unwrap();
+    assert_eq!(ids[0], 1);
+    assert_eq!(tokenizer().decode(&ids, false).unwrap(), prompt);
+}
