@@ -1,6 +1,8 @@
 //! HotPrefix's inference engine. So far: reading model files ([`gguf`]), tokenising
-//! ([`tokenizer`]) and rendering chat templates ([`chat`]); the model, backends, scheduler and HTTP server follow (issue 3).
+//! ([`tokenizer`]), rendering chat templates ([`chat`]) and the dense reference decoder
+//! ([`model`]); the paged backends, scheduler and HTTP server follow (issue 3).
 
 pub mod chat;
 pub mod gguf;
+pub mod model;
 pub mod tokenizer;

@@ -1,0 +1,385 @@
+//! A Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) computed densely in
+//! f32 on the CPU: the reference every faster path (paged attention over the cache's blocks, the
+//! CUDA backend) is checked against, token for token.
+//!
+//! Weights come from GGUF and are dequantised at load. Layout: a GGUF matrix with dimensions
+//! `[in, out]` (fastest first) is `out` rows of `in` values, so `y = W x` is one dot product per
+//! row. GGUF's llama conversion permutes the Q and K rows so that RoPE rotates *adjacent* pairs
+//! `(x[2i], x[2i+1])`, which is what [`rope`] does.
+
+use thiserror::Error;
+
+use crate::gguf::{GgufError, GgufFile};
+
+/// Why a model could not be loaded.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    /// Reading a tensor failed.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// A hyperparameter is missing or inconsistent.
+    #[error("model: {0}")]
+    Invalid(String),
+}
+
+/// Shape of a Llama-family model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `heads`).
+    pub kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// SwiGLU inner size.
+    pub ffn: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// RoPE base frequency.
+    pub rope_base: f32,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Longest context the model was trained for.
+    pub context: usize,
+}
+
+impl LlamaConfig {
+    /// Reads the `llama.*` hyperparameters of a GGUF file.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
+        let arch = g.meta_str("general.architecture").unwrap_or("");
+        if arch != "llama" {
+            return Err(ModelError::Invalid(format!(
+                "architecture {arch:?} is not supported yet"
+            )));
+        }
+        let get = |k: &str| {
+            g.meta_u64(&format!("llama.{k}"))
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or_else(|| ModelError::Invalid(format!("llama.{k} is missing")))
+        };
+        let hidden = get("embedding_length")?;
+        let heads = get("attention.head_count")?;
+        let kv_heads = g
+            .meta_u64("llama.attention.head_count_kv")
+            .map_or(heads, |v| v as usize);
+        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
+            return Err(ModelError::Invalid(format!(
+                "{heads} heads, {kv_heads} kv heads, hidden {hidden}"
+            )));
+        }
+        let vocab = g
+            .tensor("token_embd.weight")
+            .and_then(|t| t.dims.get(1).copied())
+            .ok_or_else(|| ModelError::Invalid("token_embd.weight is missing".into()))?;
+        Ok(LlamaConfig {
+            layers: get("block_count")?,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim: hidden / heads,
+            ffn: get("feed_forward_length")?,
+            vocab: vocab as usize,
+            rope_base: g.meta_f64("llama.rope.freq_base").unwrap_or(10_000.0) as f32,
+            eps: g
+                .meta_f64("llama.attention.layer_norm_rms_epsilon")
+                .unwrap_or(1e-5) as f32,
+            context: get("context_length")?,
+        })
+    }
+}
+
+/// A dense row-major matrix: `rows` outputs of `cols` inputs.
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+impl Matrix {
+    fn load(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Matrix, ModelError> {
+        let t = g
+            .tensor(name)
+            .ok_or_else(|| ModelError::Invalid(format!("{name} is missing")))?;
+        if t.dims != [cols as u64, rows as u64] {
+            return Err(ModelError::Invalid(format!(
+                "{name} has dims {:?}, expected [{cols}, {rows}]",
+                t.dims
+            )));
+        }
+        Ok(Matrix {
+            rows,
+            cols,
+            data: g.dequantize(name)?,
+        })
+    }
+
+    /// `out = self * x`.
+    fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        debug_assert_eq!(x.len(), self.cols);
+        debug_assert_eq!(out.len(), self.rows);
+        for (o, row) in out.iter_mut().zip(self.data.chunks_exact(self.cols)) {
+            *o = dot(row, x);
+        }
+    }
+
+    fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// Dot product in eight independent lanes, so the compiler vectorises it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+fn load_vec(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    let v = g.dequantize(name)?;
+    if v.len() != len {
+        return Err(ModelError::Invalid(format!(
+            "{name} has {} values, expected {len}",
+            v.len()
+        )));
+    }
+    Ok(v)
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    ffn_norm: Vec<f32>,
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+}
+
+/// Keys and values of every position so far, per layer, densely.
+#[derive(Debug, Default, Clone)]
+pub struct DenseKv {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl DenseKv {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The model with its weights in f32.
+#[derive(Debug)]
+pub struct LlamaModel {
+    /// Hyperparameters.
+    pub cfg: LlamaConfig,
+    embed: Matrix,
+    layers: Vec<Layer>,
+    out_norm: Vec<f32>,
+    /// The output head, or `None` when it is tied to the embeddings.
+    output: Option<Matrix>,
+}
+
+impl LlamaModel {
+    /// Loads and dequantises every weight.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
+        let cfg = LlamaConfig::from_gguf(g)?;
+        let (h, kv, f) = (cfg.hidden, cfg.kv_heads * cfg.head_dim, cfg.ffn);
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(Layer {
+                attn_norm: load_vec(g, &n("attn_norm"), h)?,
+                wq: Matrix::load(g, &n("attn_q"), h, h)?,
+                wk: Matrix::load(g, &n("attn_k"), kv, h)?,
+                wv: Matrix::load(g, &n("attn_v"), kv, h)?,
+                wo: Matrix::load(g, &n("attn_output"), h, h)?,
+                ffn_norm: load_vec(g, &n("ffn_norm"), h)?,
+                gate: Matrix::load(g, &n("ffn_gate"), f, h)?,
+                up: Matrix::load(g, &n("ffn_up"), f, h)?,
+                down: Matrix::load(g, &n("ffn_down"), h, f)?,
+            });
+        }
+        let output = match g.tensor("output.weight") {
+            Some(_) => Some(Matrix::load(g, "output.weight", cfg.vocab, h)?),
+            None => None,
+        };
+        Ok(LlamaModel {
+            embed: Matrix::load(g, "token_embd.weight", cfg.vocab, h)?,
+            out_norm: load_vec(g, "output_norm.weight", h)?,
+            layers,
+            output,
+            cfg,
+        })
+    }
+
+    /// An empty KV store for one sequence.
+    pub fn new_kv(&self) -> DenseKv {
+        DenseKv {
+            k: vec![Vec::new(); self.cfg.layers],
+            v: vec![Vec::new(); self.cfg.layers],
+            len: 0,
+        }
+    }
+
+    /// Runs `tokens` after what `kv` holds, appending their keys and values, and returns the
+    /// logits of the last one.
+    pub fn forward(&self, tokens: &[u32], kv: &mut DenseKv) -> Vec<f32> {
+        let mut logits = Vec::new();
+        for &t in tokens {
+            logits = self.step(t, kv);
+        }
+        logits
+    }
+
+    fn step(&self, token: u32, kv: &mut DenseKv) -> Vec<f32> {
+        let c = &self.cfg;
+        let (hd, kvd) = (c.head_dim, c.kv_heads * c.head_dim);
+        let pos = kv.len;
+        let mut x = self.embed.row(token as usize).to_vec();
+        let mut xn = vec![0f32; c.hidden];
+        let (mut q, mut k, mut v) = (vec![0f32; c.hidden], vec![0f32; kvd], vec![0f32; kvd]);
+        let mut att = vec![0f32; c.hidden];
+        let mut proj = vec![0f32; c.hidden];
+        let (mut g, mut u) = (vec![0f32; c.ffn], vec![0f32; c.ffn]);
+        let mut scores = Vec::with_capacity(pos + 1);
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, c.eps, &mut xn);
+            layer.wq.matvec(&xn, &mut q);
+            layer.wk.matvec(&xn, &mut k);
+            layer.wv.matvec(&xn, &mut v);
+            for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+                rope(head, pos, c.rope_base);
+            }
+            kv.k[l].extend_from_slice(&k);
+            kv.v[l].extend_from_slice(&v);
+            let group = c.heads / c.kv_heads;
+            let scale = 1.0 / (hd as f32).sqrt();
+            for h in 0..c.heads {
+                let qh = &q[h * hd..(h + 1) * hd];
+                let kvh = h / group;
+                scores.clear();
+                for p in 0..=pos {
+                    let kp = &kv.k[l][p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+                    scores.push(dot(qh, kp) * scale);
+                }
+                softmax(&mut scores);
+                let out = &mut att[h * hd..(h + 1) * hd];
+                out.fill(0.0);
+                for (p, &w) in scores.iter().enumerate() {
+                    let vp = &kv.v[l][p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+                    for (o, &vv) in out.iter_mut().zip(vp) {
+                        *o += w * vv;
+                    }
+                }
+            }
+            layer.wo.matvec(&att, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+            rms_norm(&x, &layer.ffn_norm, c.eps, &mut xn);
+            layer.gate.matvec(&xn, &mut g);
+            layer.up.matvec(&xn, &mut u);
+            for (gi, &ui) in g.iter_mut().zip(&u) {
+                *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+            }
+            layer.down.matvec(&g, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+        }
+        kv.len += 1;
+        rms_norm(&x, &self.out_norm, c.eps, &mut xn);
+        let head = self.output.as_ref().unwrap_or(&self.embed);
+        let mut logits = vec![0f32; c.vocab];
+        head.matvec(&xn, &mut logits);
+        logits
+    }
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = xi * inv * wi;
+    }
+}
+
+/// Rotates adjacent pairs `(x[2i], x[2i+1])` by `pos * base^(-2i/d)` (GGUF llama layout).
+pub fn rope(x: &mut [f32], pos: usize, base: f32) {
+    let d = x.len();
+    for i in 0..d / 2 {
+        let theta = pos as f32 * base.powf(-((2 * i) as f32) / d as f32);
+        let (s, c) = theta.sin_cos();
+        let (a, b) = (x[2 * i], x[2 * i + 1]);
+        x[2 * i] = a * c - b * s;
+        x[2 * i + 1] = a * s + b * c;
+    }
+}
+
+fn softmax(v: &mut [f32]) {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in v.iter_mut() {
+        *x = (*x - m).exp();
+        sum += *x;
+    }
+    for x in v.iter_mut() {
+        *x /= sum;
+    }
+}
+
+/// Index of the largest logit (the first one on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_and_keeps_norms() {
+        let mut x = vec![1.0, 0.0, 0.0, 1.0];
+        rope(&mut x, 0, 10_000.0);
+        assert_eq!(x, vec![1.0, 0.0, 0.0, 1.0]);
+        rope(&mut x, 1, 10_000.0);
+        // First pair turns by 1 radian, second by 1/100.
+        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
+        assert!((x[2] + 0.01f32.sin()).abs() < 1e-6 && (x[3] - 0.01f32.cos()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dot_softmax_argmax() {
+        let a: Vec<f32> = (0..19).map(|i| i as f32).collect();
+        assert_eq!(dot(&a, &a), (0..19).map(|i| (i * i) as f32).sum::<f32>());
+        let mut s = vec![1.0, 1.0, 1000.0];
+        softmax(&mut s);
+        assert!((s[2] - 1.0).abs() < 1e-6);
+        assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0]), 1);
+    }
+}
