@@ -5,4 +5,5 @@
 pub mod chat;
 pub mod gguf;
 pub mod model;
+pub mod paged;
 pub mod tokenizer;

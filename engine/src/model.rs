@@ -170,23 +170,51 @@ struct Layer {
     down: Matrix,
 }
 
+/// Where a sequence's keys and values live. The decoder writes one position's K and V per
+/// layer and reads earlier positions back; dense and paged storage implement it, and since the
+/// arithmetic is shared, both give bit-identical logits.
+pub trait KvStore {
+    /// Positions already stored (the next token's position).
+    fn len(&self) -> usize;
+    /// Whether no position is stored.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Stores layer `layer`'s key and value rows for position `self.len()`.
+    fn write(&mut self, layer: usize, k: &[f32], v: &[f32]);
+    /// The key row of `layer` at position `pos`.
+    fn key(&self, layer: usize, pos: usize) -> &[f32];
+    /// The value row of `layer` at position `pos`.
+    fn value(&self, layer: usize, pos: usize) -> &[f32];
+    /// Marks the position written by every layer as complete.
+    fn advance(&mut self);
+}
+
 /// Keys and values of every position so far, per layer, densely.
 #[derive(Debug, Default, Clone)]
 pub struct DenseKv {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     len: usize,
+    kv_dim: usize,
 }
 
-impl DenseKv {
-    /// Positions held.
-    pub fn len(&self) -> usize {
+impl KvStore for DenseKv {
+    fn len(&self) -> usize {
         self.len
     }
-
-    /// Whether no position is held.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        self.k[layer].extend_from_slice(k);
+        self.v[layer].extend_from_slice(v);
+    }
+    fn key(&self, layer: usize, pos: usize) -> &[f32] {
+        &self.k[layer][pos * self.kv_dim..(pos + 1) * self.kv_dim]
+    }
+    fn value(&self, layer: usize, pos: usize) -> &[f32] {
+        &self.v[layer][pos * self.kv_dim..(pos + 1) * self.kv_dim]
+    }
+    fn advance(&mut self) {
+        self.len += 1;
     }
 }
 
@@ -241,12 +269,13 @@ impl LlamaModel {
             k: vec![Vec::new(); self.cfg.layers],
             v: vec![Vec::new(); self.cfg.layers],
             len: 0,
+            kv_dim: self.cfg.kv_heads * self.cfg.head_dim,
         }
     }
 
     /// Runs `tokens` after what `kv` holds, appending their keys and values, and returns the
     /// logits of the last one.
-    pub fn forward(&self, tokens: &[u32], kv: &mut DenseKv) -> Vec<f32> {
+    pub fn forward(&self, tokens: &[u32], kv: &mut impl KvStore) -> Vec<f32> {
         let mut logits = Vec::new();
         for &t in tokens {
             logits = self.step(t, kv);
@@ -254,10 +283,10 @@ impl LlamaModel {
         logits
     }
 
-    fn step(&self, token: u32, kv: &mut DenseKv) -> Vec<f32> {
+    fn step(&self, token: u32, kv: &mut impl KvStore) -> Vec<f32> {
         let c = &self.cfg;
         let (hd, kvd) = (c.head_dim, c.kv_heads * c.head_dim);
-        let pos = kv.len;
+        let pos = kv.len();
         let mut x = self.embed.row(token as usize).to_vec();
         let mut xn = vec![0f32; c.hidden];
         let (mut q, mut k, mut v) = (vec![0f32; c.hidden], vec![0f32; kvd], vec![0f32; kvd]);
@@ -273,8 +302,7 @@ impl LlamaModel {
             for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
                 rope(head, pos, c.rope_base);
             }
-            kv.k[l].extend_from_slice(&k);
-            kv.v[l].extend_from_slice(&v);
+            kv.write(l, &k, &v);
             let group = c.heads / c.kv_heads;
             let scale = 1.0 / (hd as f32).sqrt();
             for h in 0..c.heads {
@@ -282,14 +310,14 @@ impl LlamaModel {
                 let kvh = h / group;
                 scores.clear();
                 for p in 0..=pos {
-                    let kp = &kv.k[l][p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+                    let kp = &kv.key(l, p)[kvh * hd..(kvh + 1) * hd];
                     scores.push(dot(qh, kp) * scale);
                 }
                 softmax(&mut scores);
                 let out = &mut att[h * hd..(h + 1) * hd];
                 out.fill(0.0);
                 for (p, &w) in scores.iter().enumerate() {
-                    let vp = &kv.v[l][p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+                    let vp = &kv.value(l, p)[kvh * hd..(kvh + 1) * hd];
                     for (o, &vv) in out.iter_mut().zip(vp) {
                         *o += w * vv;
                     }
@@ -306,7 +334,7 @@ impl LlamaModel {
             layer.down.matvec(&g, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
-        kv.len += 1;
+        kv.advance();
         rms_norm(&x, &self.out_norm, c.eps, &mut xn);
         let head = self.output.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; c.vocab];

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use hotprefix_engine::chat::{ChatMessage, ChatTemplate};
 use hotprefix_engine::gguf::GgufFile;
-use hotprefix_engine::model::{LlamaModel, argmax};
+use hotprefix_engine::model::{KvStore, LlamaModel, argmax};
 use hotprefix_engine::tokenizer::Tokenizer;
 
 fn model_path() -> PathBuf {
