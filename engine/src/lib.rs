@@ -6,4 +6,5 @@ pub mod chat;
 pub mod gguf;
 pub mod model;
 pub mod paged;
+pub mod sampling;
 pub mod tokenizer;
