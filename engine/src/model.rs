@@ -230,7 +230,86 @@ pub struct LlamaModel {
     output: Option<Matrix>,
 }
 
+impl LlamaConfig {
+    /// The shape named by a `random:<preset>` model source: `tiny` (tests), `smollm2-135m`,
+    /// `llama-3.1-8b` (its width and heads; `layers` may be lowered to fit memory).
+    pub fn preset(name: &str) -> Result<LlamaConfig, ModelError> {
+        let c =
+            |layers, hidden, heads, kv_heads, ffn, vocab, rope_base: f32, context| LlamaConfig {
+                layers,
+                hidden,
+                heads,
+                kv_heads,
+                head_dim: hidden / heads,
+                ffn,
+                vocab,
+                rope_base,
+                eps: 1e-5,
+                context,
+            };
+        match name {
+            "tiny" => Ok(c(2, 64, 4, 2, 128, 512, 10_000.0, 2048)),
+            "smollm2-135m" => Ok(c(30, 576, 9, 3, 1536, 49_152, 100_000.0, 8192)),
+            "llama-3.1-8b" => Ok(c(32, 4096, 32, 8, 14_336, 128_256, 500_000.0, 131_072)),
+            other => Err(ModelError::Invalid(format!(
+                "unknown preset {other:?}; expected tiny, smollm2-135m or llama-3.1-8b"
+            ))),
+        }
+    }
+}
+
+/// SplitMix64: a tiny, fast, well-mixed generator, so random weights are identical on every
+/// platform and need no dependency.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `n` values uniform in `[-scale, scale)`.
+fn random_values(state: &mut u64, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| ((splitmix(state) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+        .collect()
+}
+
 impl LlamaModel {
+    /// A model of shape `cfg` with random weights from `seed`: the `random:<preset>` source,
+    /// for tests and performance work where real weights cannot be carried. Matrices are
+    /// scaled by `1/sqrt(fan_in)` and norms are 1, so activations stay in range.
+    pub fn random(cfg: LlamaConfig, seed: u64) -> LlamaModel {
+        let mut s = seed;
+        let mut m = |rows: usize, cols: usize| Matrix {
+            rows,
+            cols,
+            data: random_values(&mut s, rows * cols, 1.0 / (cols as f32).sqrt()),
+        };
+        let (h, kv, f) = (cfg.hidden, cfg.kv_heads * cfg.head_dim, cfg.ffn);
+        let embed = m(cfg.vocab, h);
+        let layers = (0..cfg.layers)
+            .map(|_| Layer {
+                attn_norm: vec![1.0; h],
+                wq: m(h, h),
+                wk: m(kv, h),
+                wv: m(kv, h),
+                wo: m(h, h),
+                ffn_norm: vec![1.0; h],
+                gate: m(f, h),
+                up: m(f, h),
+                down: m(h, f),
+            })
+            .collect();
+        LlamaModel {
+            embed,
+            layers,
+            out_norm: vec![1.0; h],
+            output: None,
+            cfg,
+        }
+    }
+
     /// Loads and dequantises every weight.
     pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
         let cfg = LlamaConfig::from_gguf(g)?;
@@ -399,6 +478,26 @@ mod tests {
         // First pair turns by 1 radian, second by 1/100.
         assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
         assert!((x[2] + 0.01f32.sin()).abs() < 1e-6 && (x[3] - 0.01f32.cos()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn random_models_are_deterministic_and_finite() {
+        let cfg = LlamaConfig::preset("tiny").unwrap();
+        let a = LlamaModel::random(cfg.clone(), 42);
+        let b = LlamaModel::random(cfg.clone(), 42);
+        let c = LlamaModel::random(cfg, 43);
+        let run = |m: &LlamaModel| {
+            let mut kv = m.new_kv();
+            m.forward(&[1, 2, 3, 4], &mut kv)
+        };
+        let (la, lb, lc) = (run(&a), run(&b), run(&c));
+        assert_eq!(la, lb);
+        assert_ne!(la, lc);
+        assert!(la.iter().all(|x| x.is_finite()));
+        assert_eq!(la.len(), 512);
+        assert!(LlamaConfig::preset("gpt-5").is_err());
+        let big = LlamaConfig::preset("llama-3.1-8b").unwrap();
+        assert_eq!((big.head_dim, big.kv_heads * big.head_dim), (128, 1024));
     }
 
     #[test]
