@@ -4,7 +4,7 @@
 // Helpers outside `#[test]` functions panic on purpose when something is wrong.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
 
 use hotprefix_engine::gguf::{GgmlType, GgufError, GgufFile, Value};
 
@@ -207,25 +207,9 @@ fn malformed_files_are_errors_not_panics() {
     }
 }
 
-fn model_path() -> PathBuf {
-    match std::env::var_os("HOTPREFIX_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-        )),
-    }
-}
-
 #[test]
 fn the_default_model_reads_with_its_documented_shape() {
-    let path = model_path();
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
-        path.display()
-    );
-    let g = GgufFile::open(&path).unwrap();
+    let g = GgufFile::open(&common::model_path()).unwrap();
     assert_eq!(g.meta_str("general.architecture"), Some("llama"));
     assert_eq!(g.meta_u64("llama.block_count"), Some(30));
     assert_eq!(g.meta_u64("llama.embedding_length"), Some(576));

@@ -5,14 +5,11 @@
 // Helpers outside `#[test]` functions panic on purpose when something is wrong.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
 
 use hotprefix_cache::{CacheConfig, LeaseState, PolicyKind, PrefixCache, TransferKind};
-use hotprefix_engine::chat::{ChatMessage, ChatTemplate};
-use hotprefix_engine::gguf::GgufFile;
 use hotprefix_engine::model::{LlamaModel, argmax};
 use hotprefix_engine::paged::{KvArena, PagedKv};
-use hotprefix_engine::tokenizer::Tokenizer;
 use hotprefix_protocol::{BlockHash, Salt, hash_blocks};
 
 const BS: usize = 16;
@@ -125,32 +122,10 @@ impl Engine {
 
 #[test]
 fn cache_hits_in_either_tier_give_the_tokens_of_a_cold_run() {
-    let path = std::env::var_os("HOTPREFIX_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    let g = GgufFile::open(&path).unwrap();
-    let tok = Tokenizer::from_gguf(&g).unwrap();
-    let chat = ChatTemplate::new(
-        g.meta_str("tokenizer.chat_template").unwrap(),
-        "",
-        "<|im_end|>",
-    )
-    .unwrap();
-    let model = LlamaModel::from_gguf(&g).unwrap();
-    let prompt = |q: &str| {
-        tok.encode(&chat.render(&[ChatMessage::new("user", q)], true).unwrap())
-            .unwrap()
-    };
+    let m = common::load();
+    let tok = &m.tok;
+    let model = LlamaModel::from_gguf(&m.gguf).unwrap();
+    let prompt = |q: &str| m.prompt(q);
     let france = prompt("What is the capital of France?");
     let italy = prompt("What is the capital of Italy?");
     let mut e = Engine {

@@ -4,7 +4,8 @@
 // Helpers outside `#[test]` functions panic on purpose when something is wrong.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::OnceLock;
 
 use hotprefix_engine::gguf::GgufFile;
@@ -13,20 +14,7 @@ use hotprefix_engine::tokenizer::Tokenizer;
 fn tokenizer() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
     TOK.get_or_init(|| {
-        let path = std::env::var_os("HOTPREFIX_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-                ))
-            });
-        assert!(
-            path.exists(),
-            "{} is missing: run scripts/fetch-model.sh",
-            path.display()
-        );
-        Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap()
+        Tokenizer::from_gguf(&GgufFile::open(&common::model_path()).unwrap()).unwrap()
     })
 }
 
@@ -77,15 +65,7 @@ fn text_round_trips_exactly() {
 #[test]
 fn the_model_chat_template_renders_chatml_with_its_default_system_prompt() {
     use hotprefix_engine::chat::{ChatMessage, ChatTemplate};
-    let path = std::env::var_os("HOTPREFIX_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
-    let g = GgufFile::open(&path).unwrap();
+    let g = GgufFile::open(&common::model_path()).unwrap();
     let source = g.meta_str("tokenizer.chat_template").unwrap();
     let t = ChatTemplate::new(source, "<|im_start|>", "<|im_end|>").unwrap();
     let prompt = t
