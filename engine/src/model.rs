@@ -127,6 +127,18 @@ impl Matrix {
         }
     }
 
+    /// `out[t] = self * x[t]` for every `cols`-wide row `t` of `x`. Each weight row is used for
+    /// all tokens while it is in cache; each output is the same `dot` as in `matvec`.
+    fn matmul(&self, x: &[f32], out: &mut [f32]) {
+        let n = x.len() / self.cols;
+        debug_assert_eq!(out.len(), n * self.rows);
+        for (r, row) in self.data.chunks_exact(self.cols).enumerate() {
+            for (t, xt) in x.chunks_exact(self.cols).enumerate() {
+                out[t * self.rows + r] = dot(row, xt);
+            }
+        }
+    }
+
     fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }
@@ -180,14 +192,15 @@ pub trait KvStore {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Stores layer `layer`'s key and value rows for position `self.len()`.
-    fn write(&mut self, layer: usize, k: &[f32], v: &[f32]);
-    /// The key row of `layer` at position `pos`.
+    /// Stores layer `layer`'s key and value rows for position `pos` (at or after `len()`,
+    /// written in increasing order per layer).
+    fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]);
+    /// The key row of `layer` at position `pos` (stored, or written in the current step).
     fn key(&self, layer: usize, pos: usize) -> &[f32];
     /// The value row of `layer` at position `pos`.
     fn value(&self, layer: usize, pos: usize) -> &[f32];
-    /// Marks the position written by every layer as complete.
-    fn advance(&mut self);
+    /// Marks `n` more positions, written by every layer, as stored.
+    fn commit(&mut self, n: usize);
 }
 
 /// Keys and values of every position so far, per layer, densely.
@@ -203,7 +216,9 @@ impl KvStore for DenseKv {
     fn len(&self) -> usize {
         self.len
     }
-    fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+    fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        // Dense rows are appended, so positions arrive in order.
+        debug_assert_eq!(self.k[layer].len(), pos * self.kv_dim);
         self.k[layer].extend_from_slice(k);
         self.v[layer].extend_from_slice(v);
     }
@@ -213,8 +228,8 @@ impl KvStore for DenseKv {
     fn value(&self, layer: usize, pos: usize) -> &[f32] {
         &self.v[layer][pos * self.kv_dim..(pos + 1) * self.kv_dim]
     }
-    fn advance(&mut self) {
-        self.len += 1;
+    fn commit(&mut self, n: usize) {
+        self.len += n;
     }
 }
 
@@ -354,71 +369,97 @@ impl LlamaModel {
 
     /// Runs `tokens` after what `kv` holds, appending their keys and values, and returns the
     /// logits of the last one.
+    ///
+    /// The tokens go through the layers together (layer by layer), so each weight row is read
+    /// once per call rather than once per token; every number a token sees is computed by the
+    /// same operations in the same order as when it runs alone, so the result does not depend
+    /// on how a sequence is split into calls (prefill, chunks, decode steps, cache hits).
     pub fn forward(&self, tokens: &[u32], kv: &mut impl KvStore) -> Vec<f32> {
-        let mut logits = Vec::new();
-        for &t in tokens {
-            logits = self.step(t, kv);
-        }
-        logits
-    }
-
-    fn step(&self, token: u32, kv: &mut impl KvStore) -> Vec<f32> {
         let c = &self.cfg;
-        let (hd, kvd) = (c.head_dim, c.kv_heads * c.head_dim);
-        let pos = kv.len();
-        let mut x = self.embed.row(token as usize).to_vec();
-        let mut xn = vec![0f32; c.hidden];
-        let (mut q, mut k, mut v) = (vec![0f32; c.hidden], vec![0f32; kvd], vec![0f32; kvd]);
-        let mut att = vec![0f32; c.hidden];
-        let mut proj = vec![0f32; c.hidden];
-        let (mut g, mut u) = (vec![0f32; c.ffn], vec![0f32; c.ffn]);
-        let mut scores = Vec::with_capacity(pos + 1);
+        let n = tokens.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let (h, hd, kvd) = (c.hidden, c.head_dim, c.kv_heads * c.head_dim);
+        let base = kv.len();
+        let mut x = Vec::with_capacity(n * h);
+        for &t in tokens {
+            x.extend_from_slice(self.embed.row(t as usize));
+        }
+        let mut xn = vec![0f32; n * h];
+        let (mut q, mut k, mut v) = (vec![0f32; n * h], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        let mut att = vec![0f32; n * h];
+        let mut proj = vec![0f32; n * h];
+        let (mut g, mut u) = (vec![0f32; n * c.ffn], vec![0f32; n * c.ffn]);
+        let mut scores = Vec::with_capacity(base + n);
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attn_norm, c.eps, &mut xn);
-            layer.wq.matvec(&xn, &mut q);
-            layer.wk.matvec(&xn, &mut k);
-            layer.wv.matvec(&xn, &mut v);
-            for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-                rope(head, pos, c.rope_base);
-            }
-            kv.write(l, &k, &v);
-            let group = c.heads / c.kv_heads;
-            let scale = 1.0 / (hd as f32).sqrt();
-            for h in 0..c.heads {
-                let qh = &q[h * hd..(h + 1) * hd];
-                let kvh = h / group;
-                scores.clear();
-                for p in 0..=pos {
-                    let kp = &kv.key(l, p)[kvh * hd..(kvh + 1) * hd];
-                    scores.push(dot(qh, kp) * scale);
+            rms_norm_rows(&x, &layer.attn_norm, c.eps, &mut xn);
+            layer.wq.matmul(&xn, &mut q);
+            layer.wk.matmul(&xn, &mut k);
+            layer.wv.matmul(&xn, &mut v);
+            for t in 0..n {
+                let pos = base + t;
+                for head in q[t * h..(t + 1) * h].chunks_exact_mut(hd) {
+                    rope(head, pos, c.rope_base);
                 }
-                softmax(&mut scores);
-                let out = &mut att[h * hd..(h + 1) * hd];
-                out.fill(0.0);
-                for (p, &w) in scores.iter().enumerate() {
-                    let vp = &kv.value(l, p)[kvh * hd..(kvh + 1) * hd];
-                    for (o, &vv) in out.iter_mut().zip(vp) {
-                        *o += w * vv;
+                for head in k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
+                    rope(head, pos, c.rope_base);
+                }
+                kv.write(
+                    l,
+                    pos,
+                    &k[t * kvd..(t + 1) * kvd],
+                    &v[t * kvd..(t + 1) * kvd],
+                );
+            }
+            for t in 0..n {
+                let pos = base + t;
+                for head in 0..c.heads {
+                    let qh = &q[t * h + head * hd..t * h + (head + 1) * hd];
+                    let kvh = head / group;
+                    scores.clear();
+                    for p in 0..=pos {
+                        scores.push(dot(qh, &kv.key(l, p)[kvh * hd..(kvh + 1) * hd]) * scale);
+                    }
+                    softmax(&mut scores);
+                    let out = &mut att[t * h + head * hd..t * h + (head + 1) * hd];
+                    out.fill(0.0);
+                    for (p, &w) in scores.iter().enumerate() {
+                        let vp = &kv.value(l, p)[kvh * hd..(kvh + 1) * hd];
+                        for (o, &vv) in out.iter_mut().zip(vp) {
+                            *o += w * vv;
+                        }
                     }
                 }
             }
-            layer.wo.matvec(&att, &mut proj);
+            layer.wo.matmul(&att, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
-            rms_norm(&x, &layer.ffn_norm, c.eps, &mut xn);
-            layer.gate.matvec(&xn, &mut g);
-            layer.up.matvec(&xn, &mut u);
+            rms_norm_rows(&x, &layer.ffn_norm, c.eps, &mut xn);
+            layer.gate.matmul(&xn, &mut g);
+            layer.up.matmul(&xn, &mut u);
             for (gi, &ui) in g.iter_mut().zip(&u) {
                 *gi = *gi / (1.0 + (-*gi).exp()) * ui;
             }
-            layer.down.matvec(&g, &mut proj);
+            layer.down.matmul(&g, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
-        kv.advance();
-        rms_norm(&x, &self.out_norm, c.eps, &mut xn);
+        kv.commit(n);
+        let last = &x[(n - 1) * h..];
+        let mut normed = vec![0f32; h];
+        rms_norm(last, &self.out_norm, c.eps, &mut normed);
         let head = self.output.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; c.vocab];
-        head.matvec(&xn, &mut logits);
+        head.matvec(&normed, &mut logits);
         logits
+    }
+}
+
+/// RMSNorm of every `w.len()`-wide row of `x`.
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    for (row, o) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
+        rms_norm(row, w, eps, o);
     }
 }
 
@@ -498,6 +539,26 @@ mod tests {
         assert!(LlamaConfig::preset("gpt-5").is_err());
         let big = LlamaConfig::preset("llama-3.1-8b").unwrap();
         assert_eq!((big.head_dim, big.kv_heads * big.head_dim), (128, 1024));
+    }
+
+    #[test]
+    fn logits_do_not_depend_on_how_a_sequence_is_split_into_calls() {
+        let m = LlamaModel::random(LlamaConfig::preset("tiny").unwrap(), 7);
+        let tokens: Vec<u32> = (0..23).map(|i| (i * 37 % 512) as u32).collect();
+        let whole = m.forward(&tokens, &mut m.new_kv());
+        let mut kv = m.new_kv();
+        let mut one_by_one = Vec::new();
+        for t in &tokens {
+            one_by_one = m.forward(std::slice::from_ref(t), &mut kv);
+        }
+        let mut kv = m.new_kv();
+        m.forward(&tokens[..5], &mut kv);
+        m.forward(&tokens[5..16], &mut kv);
+        let chunked = m.forward(&tokens[16..], &mut kv);
+        assert_eq!(whole, one_by_one, "bit-identical whatever the split");
+        assert_eq!(whole, chunked);
+        assert_eq!(kv.len(), 23);
+        assert!(m.forward(&[], &mut kv).is_empty());
     }
 
     #[test]

@@ -92,8 +92,8 @@ impl KvStore for PagedKv<'_> {
     fn len(&self) -> usize {
         self.len
     }
-    fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        let r = self.at(self.len);
+    fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let r = self.at(pos);
         self.arena.k[layer][r.clone()].copy_from_slice(k);
         self.arena.v[layer][r].copy_from_slice(v);
     }
@@ -103,7 +103,7 @@ impl KvStore for PagedKv<'_> {
     fn value(&self, layer: usize, pos: usize) -> &[f32] {
         &self.arena.v[layer][self.at(pos)]
     }
-    fn advance(&mut self) {
-        self.len += 1;
+    fn commit(&mut self, n: usize) {
+        self.len += n;
     }
 }
