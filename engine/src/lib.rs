@@ -6,5 +6,6 @@ pub mod chat;
 pub mod gguf;
 pub mod model;
 pub mod paged;
+pub mod runner;
 pub mod sampling;
 pub mod tokenizer;
