@@ -391,7 +391,7 @@ impl LlamaModel {
         let mut att = vec![0f32; n * h];
         let mut proj = vec![0f32; n * h];
         let (mut g, mut u) = (vec![0f32; n * c.ffn], vec![0f32; n * c.ffn]);
-        let mut scores = Vec::with_capacity(base + n);
+        let mut scores: Vec<Vec<f32>> = vec![Vec::with_capacity(base + n); c.heads / c.kv_heads];
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
@@ -414,22 +414,35 @@ impl LlamaModel {
                     &v[t * kvd..(t + 1) * kvd],
                 );
             }
+            // Grouped-query attention, one key/value head at a time: each cached row is read
+            // once for all the query heads that share it. Per query head the arithmetic (and
+            // its order over positions) is the same as computing that head alone.
             for t in 0..n {
                 let pos = base + t;
-                for head in 0..c.heads {
-                    let qh = &q[t * h + head * hd..t * h + (head + 1) * hd];
-                    let kvh = head / group;
-                    scores.clear();
-                    for p in 0..=pos {
-                        scores.push(dot(qh, &kv.key(l, p)[kvh * hd..(kvh + 1) * hd]) * scale);
+                for kvh in 0..c.kv_heads {
+                    let heads = kvh * group..(kvh + 1) * group;
+                    for s in scores.iter_mut().take(group) {
+                        s.clear();
                     }
-                    softmax(&mut scores);
-                    let out = &mut att[t * h + head * hd..t * h + (head + 1) * hd];
+                    for p in 0..=pos {
+                        let kp = &kv.key(l, p)[kvh * hd..(kvh + 1) * hd];
+                        for (s, head) in scores.iter_mut().zip(heads.clone()) {
+                            let qh = &q[t * h + head * hd..t * h + (head + 1) * hd];
+                            s.push(dot(qh, kp) * scale);
+                        }
+                    }
+                    for s in scores.iter_mut().take(group) {
+                        softmax(s);
+                    }
+                    let out = &mut att[t * h + kvh * group * hd..t * h + (kvh + 1) * group * hd];
                     out.fill(0.0);
-                    for (p, &w) in scores.iter().enumerate() {
+                    for p in 0..=pos {
                         let vp = &kv.value(l, p)[kvh * hd..(kvh + 1) * hd];
-                        for (o, &vv) in out.iter_mut().zip(vp) {
-                            *o += w * vv;
+                        for (o, s) in out.chunks_exact_mut(hd).zip(scores.iter()) {
+                            let w = s[p];
+                            for (oi, &vv) in o.iter_mut().zip(vp) {
+                                *oi += w * vv;
+                            }
                         }
                     }
                 }
