@@ -374,6 +374,9 @@ impl LlamaModel {
     /// once per call rather than once per token; every number a token sees is computed by the
     /// same operations in the same order as when it runs alone, so the result does not depend
     /// on how a sequence is split into calls (prefill, chunks, decode steps, cache hits).
+    ///
+    /// # Panics
+    /// If a token id is not below `cfg.vocab` (callers validate ids, see `Runner::generate`).
     pub fn forward(&self, tokens: &[u32], kv: &mut impl KvStore) -> Vec<f32> {
         let c = &self.cfg;
         let n = tokens.len();

@@ -19,6 +19,14 @@ pub enum RunError {
     /// The prompt has no tokens.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// A token id outside the model's vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    BadToken {
+        /// The id.
+        id: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
     /// Prompt plus answer would not fit the device tier even with nothing else cached.
     #[error("{needed} tokens need {blocks} blocks, more than the {capacity} device blocks")]
     TooLong {
@@ -135,6 +143,10 @@ impl Runner {
     ) -> Result<RunResult, RunError> {
         if prompt.is_empty() {
             return Err(RunError::EmptyPrompt);
+        }
+        let vocab = self.model.cfg.vocab;
+        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RunError::BadToken { id, vocab });
         }
         let bs = self.block_size;
         let needed = prompt.len() + max_new;

@@ -129,6 +129,10 @@ fn requests_that_cannot_fit_fail_cleanly_and_leak_nothing() {
         r.generate(&[], 4, &mut s, &[]),
         Err(RunError::EmptyPrompt)
     ));
+    assert!(matches!(
+        r.generate(&[1, 512], 4, &mut s, &[]),
+        Err(RunError::BadToken { id: 512, .. })
+    ));
     let long: Vec<u32> = (0..20).collect();
     assert!(matches!(
         r.generate(&long, 1, &mut s, &[]),
