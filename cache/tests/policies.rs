@@ -36,7 +36,13 @@ fn request(c: &mut PrefixCache, hashes: &[BlockHash], now: f64) -> (usize, usize
 }
 
 fn finish_transfers(c: &mut PrefixCache) {
-    for t in c.take_transfers() {
+    let pending = c.take_transfers();
+    finish_transfers_from(c, pending);
+}
+
+/// Reports `t` (transfers taken earlier) complete.
+fn finish_transfers_from(c: &mut PrefixCache, t: Vec<hotprefix_cache::Transfer>) {
+    for t in t {
         c.complete_transfer(t.id);
     }
 }
@@ -265,12 +271,6 @@ fn without_a_margin_promotion_only_fills_free_device_slots() {
     finish_transfers_from(&mut c, t);
     assert_eq!(c.peek(&hot).device_blocks, 4);
     c.check_invariants().unwrap();
-}
-
-fn finish_transfers_from(c: &mut PrefixCache, t: Vec<hotprefix_cache::Transfer>) {
-    for t in t {
-        c.complete_transfer(t.id);
-    }
 }
 
 #[test]
