@@ -43,64 +43,138 @@ pub struct LlamaConfig {
     pub rope_base: f32,
     /// RMSNorm epsilon.
     pub eps: f32,
-    /// Longest context the model was trained for.
+    /// Longest context the model was trained for (capped at the sliding window for models
+    /// that have one, so attention over the whole context is exact).
     pub context: usize,
+    /// How RoPE pairs the dimensions of a head.
+    pub rope_style: RopeStyle,
+}
+
+/// How rotary embeddings pair the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(x[2i], x[2i+1])`: GGUF llama files, whose converter permutes the Q and K
+    /// rows into this order.
+    Interleaved,
+    /// Pairs `(x[i], x[i + d/2])`: Hugging Face checkpoints and GGUF qwen2 files.
+    HalfSplit,
 }
 
 impl LlamaConfig {
-    /// Reads the `llama.*` hyperparameters of a GGUF file.
+    /// Reads the `<arch>.*` hyperparameters of a GGUF file (architectures `llama`, which
+    /// covers Llama 2/3, SmolLM and Mistral conversions, and `qwen2`).
     pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
         let arch = g.meta_str("general.architecture").unwrap_or("");
-        if arch != "llama" {
-            return Err(ModelError::Invalid(format!(
-                "architecture {arch:?} is not supported yet"
-            )));
-        }
+        let rope_style = match arch {
+            "llama" => RopeStyle::Interleaved,
+            // llama.cpp's qwen2 conversion keeps Hugging Face's row order (NEOX-style RoPE).
+            "qwen2" => RopeStyle::HalfSplit,
+            _ => {
+                return Err(ModelError::Invalid(format!(
+                    "architecture {arch:?} is not supported (llama and qwen2 are)"
+                )));
+            }
+        };
         let get = |k: &str| {
-            g.meta_u64(&format!("llama.{k}"))
+            g.meta_u64(&format!("{arch}.{k}"))
                 .and_then(|v| usize::try_from(v).ok())
-                .ok_or_else(|| ModelError::Invalid(format!("llama.{k} is missing")))
+                .ok_or_else(|| ModelError::Invalid(format!("{arch}.{k} is missing")))
         };
         let hidden = get("embedding_length")?;
         let heads = get("attention.head_count")?;
         let kv_heads = g
-            .meta_u64("llama.attention.head_count_kv")
+            .meta_u64(&format!("{arch}.attention.head_count_kv"))
             .map_or(heads, |v| v as usize);
-        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-            return Err(ModelError::Invalid(format!(
-                "{heads} heads, {kv_heads} kv heads, hidden {hidden}"
-            )));
-        }
         let vocab = g
             .tensor("token_embd.weight")
             .and_then(|t| t.dims.get(1).copied())
             .ok_or_else(|| ModelError::Invalid("token_embd.weight is missing".into()))?;
-        Ok(LlamaConfig {
+        let cfg = LlamaConfig {
             layers: get("block_count")?,
             hidden,
             heads,
             kv_heads,
-            head_dim: hidden / heads,
+            head_dim: if heads == 0 { 0 } else { hidden / heads },
             ffn: get("feed_forward_length")?,
             vocab: vocab as usize,
-            rope_base: g.meta_f64("llama.rope.freq_base").unwrap_or(10_000.0) as f32,
+            rope_base: g
+                .meta_f64(&format!("{arch}.rope.freq_base"))
+                .unwrap_or(10_000.0) as f32,
             eps: g
-                .meta_f64("llama.attention.layer_norm_rms_epsilon")
+                .meta_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5) as f32,
             context: get("context_length")?,
-        })
+            rope_style,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks that the shape is usable: heads divide the hidden size, KV heads divide the heads,
+    /// head size even (RoPE pairs), nothing zero.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let c = self;
+        let ok = c.layers > 0
+            && c.hidden > 0
+            && c.heads > 0
+            && c.kv_heads > 0
+            && c.heads % c.kv_heads == 0
+            && c.head_dim > 0
+            && c.head_dim % 2 == 0
+            && c.ffn > 0
+            && c.vocab > 0
+            && c.context > 0
+            && c.eps.is_finite()
+            && c.rope_base.is_finite()
+            && c.rope_base > 0.0;
+        if ok {
+            Ok(())
+        } else {
+            Err(ModelError::Invalid(format!("unusable model shape {c:?}")))
+        }
+    }
+
+    /// Floats in one position's key (or value) row.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
     }
 }
 
 /// A dense row-major matrix: `rows` outputs of `cols` inputs.
 #[derive(Clone, Debug)]
 pub struct Matrix {
-    rows: usize,
-    cols: usize,
-    data: Vec<f32>,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) data: Vec<f32>,
 }
 
 impl Matrix {
+    /// A `rows` x `cols` matrix from its rows, concatenated.
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Result<Matrix, ModelError> {
+        if rows.checked_mul(cols) != Some(data.len()) {
+            return Err(ModelError::Invalid(format!(
+                "{} values do not make a {rows} x {cols} matrix",
+                data.len()
+            )));
+        }
+        Ok(Matrix { rows, cols, data })
+    }
+
+    /// Output rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Inputs per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The values, row after row.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
     fn load(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Matrix, ModelError> {
         let t = g
             .tensor(name)
@@ -169,17 +243,22 @@ fn load_vec(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError
     Ok(v)
 }
 
+/// One transformer block's weights.
 #[derive(Debug)]
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Matrix,
-    wk: Matrix,
-    wv: Matrix,
-    wo: Matrix,
-    ffn_norm: Vec<f32>,
-    gate: Matrix,
-    up: Matrix,
-    down: Matrix,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) wq: Matrix,
+    pub(crate) wk: Matrix,
+    pub(crate) wv: Matrix,
+    /// Q, K and V biases (Qwen2 has them; Llama and Mistral do not).
+    pub(crate) bq: Option<Vec<f32>>,
+    pub(crate) bk: Option<Vec<f32>>,
+    pub(crate) bv: Option<Vec<f32>>,
+    pub(crate) wo: Matrix,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) gate: Matrix,
+    pub(crate) up: Matrix,
+    pub(crate) down: Matrix,
 }
 
 /// Where a sequence's keys and values live. The decoder writes one position's K and V per
@@ -238,11 +317,11 @@ impl KvStore for DenseKv {
 pub struct LlamaModel {
     /// Hyperparameters.
     pub cfg: LlamaConfig,
-    embed: Matrix,
-    layers: Vec<Layer>,
-    out_norm: Vec<f32>,
+    pub(crate) embed: Matrix,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) out_norm: Vec<f32>,
     /// The output head, or `None` when it is tied to the embeddings.
-    output: Option<Matrix>,
+    pub(crate) output: Option<Matrix>,
 }
 
 impl LlamaConfig {
@@ -261,6 +340,7 @@ impl LlamaConfig {
                 rope_base,
                 eps: 1e-5,
                 context,
+                rope_style: RopeStyle::Interleaved,
             };
         match name {
             "tiny" => Ok(c(2, 64, 4, 2, 128, 512, 10_000.0, 2048)),
@@ -301,15 +381,23 @@ impl LlamaModel {
             cols,
             data: random_values(&mut s, rows * cols, 1.0 / (cols as f32).sqrt()),
         };
-        let (h, kv, f) = (cfg.hidden, cfg.kv_heads * cfg.head_dim, cfg.ffn);
+        let (h, qd, kv, f) = (
+            cfg.hidden,
+            cfg.heads * cfg.head_dim,
+            cfg.kv_heads * cfg.head_dim,
+            cfg.ffn,
+        );
         let embed = m(cfg.vocab, h);
         let layers = (0..cfg.layers)
             .map(|_| Layer {
                 attn_norm: vec![1.0; h],
-                wq: m(h, h),
+                wq: m(qd, h),
                 wk: m(kv, h),
                 wv: m(kv, h),
-                wo: m(h, h),
+                bq: None,
+                bk: None,
+                bv: None,
+                wo: m(h, qd),
                 ffn_norm: vec![1.0; h],
                 gate: m(f, h),
                 up: m(f, h),
@@ -328,16 +416,28 @@ impl LlamaModel {
     /// Loads and dequantises every weight.
     pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
         let cfg = LlamaConfig::from_gguf(g)?;
-        let (h, kv, f) = (cfg.hidden, cfg.kv_heads * cfg.head_dim, cfg.ffn);
+        let (h, qd, kv, f) = (
+            cfg.hidden,
+            cfg.heads * cfg.head_dim,
+            cfg.kv_heads * cfg.head_dim,
+            cfg.ffn,
+        );
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let bias = |s: &str, len| {
+                let name = format!("blk.{i}.{s}.bias");
+                g.tensor(&name).map(|_| load_vec(g, &name, len)).transpose()
+            };
             layers.push(Layer {
                 attn_norm: load_vec(g, &n("attn_norm"), h)?,
-                wq: Matrix::load(g, &n("attn_q"), h, h)?,
+                wq: Matrix::load(g, &n("attn_q"), qd, h)?,
                 wk: Matrix::load(g, &n("attn_k"), kv, h)?,
                 wv: Matrix::load(g, &n("attn_v"), kv, h)?,
-                wo: Matrix::load(g, &n("attn_output"), h, h)?,
+                bq: bias("attn_q", qd)?,
+                bk: bias("attn_k", kv)?,
+                bv: bias("attn_v", kv)?,
+                wo: Matrix::load(g, &n("attn_output"), h, qd)?,
                 ffn_norm: load_vec(g, &n("ffn_norm"), h)?,
                 gate: Matrix::load(g, &n("ffn_gate"), f, h)?,
                 up: Matrix::load(g, &n("ffn_up"), f, h)?,
@@ -383,15 +483,15 @@ impl LlamaModel {
         if n == 0 {
             return Vec::new();
         }
-        let (h, hd, kvd) = (c.hidden, c.head_dim, c.kv_heads * c.head_dim);
+        let (h, hd, kvd, qd) = (c.hidden, c.head_dim, c.kv_dim(), c.heads * c.head_dim);
         let base = kv.len();
         let mut x = Vec::with_capacity(n * h);
         for &t in tokens {
             x.extend_from_slice(self.embed.row(t as usize));
         }
         let mut xn = vec![0f32; n * h];
-        let (mut q, mut k, mut v) = (vec![0f32; n * h], vec![0f32; n * kvd], vec![0f32; n * kvd]);
-        let mut att = vec![0f32; n * h];
+        let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        let mut att = vec![0f32; n * qd];
         let mut proj = vec![0f32; n * h];
         let (mut g, mut u) = (vec![0f32; n * c.ffn], vec![0f32; n * c.ffn]);
         let mut scores: Vec<Vec<f32>> = vec![Vec::with_capacity(base + n); c.heads / c.kv_heads];
@@ -402,13 +502,16 @@ impl LlamaModel {
             layer.wq.matmul(&xn, &mut q);
             layer.wk.matmul(&xn, &mut k);
             layer.wv.matmul(&xn, &mut v);
+            add_bias_rows(&mut q, layer.bq.as_deref());
+            add_bias_rows(&mut k, layer.bk.as_deref());
+            add_bias_rows(&mut v, layer.bv.as_deref());
             for t in 0..n {
                 let pos = base + t;
-                for head in q[t * h..(t + 1) * h].chunks_exact_mut(hd) {
-                    rope(head, pos, c.rope_base);
+                for head in q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
+                    rope_any(head, pos, c.rope_base, c.rope_style);
                 }
                 for head in k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
-                    rope(head, pos, c.rope_base);
+                    rope_any(head, pos, c.rope_base, c.rope_style);
                 }
                 kv.write(
                     l,
@@ -430,14 +533,14 @@ impl LlamaModel {
                     for p in 0..=pos {
                         let kp = &kv.key(l, p)[kvh * hd..(kvh + 1) * hd];
                         for (s, head) in scores.iter_mut().zip(heads.clone()) {
-                            let qh = &q[t * h + head * hd..t * h + (head + 1) * hd];
+                            let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
                             s.push(dot(qh, kp) * scale);
                         }
                     }
                     for s in scores.iter_mut().take(group) {
                         softmax(s);
                     }
-                    let out = &mut att[t * h + kvh * group * hd..t * h + (kvh + 1) * group * hd];
+                    let out = &mut att[t * qd + kvh * group * hd..t * qd + (kvh + 1) * group * hd];
                     out.fill(0.0);
                     for p in 0..=pos {
                         let vp = &kv.value(l, p)[kvh * hd..(kvh + 1) * hd];
@@ -484,6 +587,36 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let inv = 1.0 / (ms + eps).sqrt();
     for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
         *o = xi * inv * wi;
+    }
+}
+
+/// Adds `bias` to every `bias.len()`-wide row of `x` (no-op without a bias).
+pub(crate) fn add_bias_rows(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+/// RoPE in either pairing.
+pub fn rope_any(x: &mut [f32], pos: usize, base: f32, style: RopeStyle) {
+    match style {
+        RopeStyle::Interleaved => rope(x, pos, base),
+        RopeStyle::HalfSplit => rope_half(x, pos, base),
+    }
+}
+
+/// Rotates pairs `(x[i], x[i + d/2])` by `pos * base^(-2i/d)` (Hugging Face layout).
+pub fn rope_half(x: &mut [f32], pos: usize, base: f32) {
+    let d = x.len();
+    let half = d / 2;
+    for i in 0..half {
+        let theta = pos as f32 * base.powf(-((2 * i) as f32) / d as f32);
+        let (s, c) = theta.sin_cos();
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * c - b * s;
+        x[i + half] = a * s + b * c;
     }
 }
 
@@ -535,6 +668,30 @@ mod tests {
         // First pair turns by 1 radian, second by 1/100.
         assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
         assert!((x[2] + 0.01f32.sin()).abs() < 1e-6 && (x[3] - 0.01f32.cos()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn half_split_rope_is_the_interleaved_one_on_permuted_dimensions() {
+        // HF checkpoints and GGUF llama files differ by a fixed permutation of each head's
+        // dimensions: interleaved position 2i holds half-split i, 2i+1 holds i + d/2.
+        let d = 8;
+        let x: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let perm = |v: &[f32]| -> Vec<f32> {
+            (0..d)
+                .map(|j| {
+                    if j % 2 == 0 {
+                        v[j / 2]
+                    } else {
+                        v[j / 2 + d / 2]
+                    }
+                })
+                .collect()
+        };
+        let mut half = x.clone();
+        rope_half(&mut half, 5, 10_000.0);
+        let mut inter = perm(&x);
+        rope(&mut inter, 5, 10_000.0);
+        assert_eq!(perm(&half), inter);
     }
 
     #[test]
