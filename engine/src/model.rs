@@ -94,7 +94,7 @@ impl LlamaConfig {
             hidden,
             heads,
             kv_heads,
-            head_dim: if heads == 0 { 0 } else { hidden / heads },
+            head_dim: hidden.checked_div(heads).unwrap_or(0),
             ffn: get("feed_forward_length")?,
             vocab: vocab as usize,
             rope_base: g
@@ -118,9 +118,9 @@ impl LlamaConfig {
             && c.hidden > 0
             && c.heads > 0
             && c.kv_heads > 0
-            && c.heads % c.kv_heads == 0
+            && c.heads.is_multiple_of(c.kv_heads)
             && c.head_dim > 0
-            && c.head_dim % 2 == 0
+            && c.head_dim.is_multiple_of(2)
             && c.ffn > 0
             && c.vocab > 0
             && c.context > 0
