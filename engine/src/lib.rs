@@ -2,7 +2,9 @@
 //! ([`tokenizer`]), rendering chat templates ([`chat`]) and the dense reference decoder
 //! ([`model`]); the paged backends, scheduler and HTTP server follow (issue 3).
 
+pub mod backend;
 pub mod chat;
+pub mod decoder;
 pub mod gguf;
 pub mod model;
 pub mod paged;

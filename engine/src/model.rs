@@ -244,7 +244,7 @@ fn load_vec(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError
 }
 
 /// One transformer block's weights.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Layer {
     pub(crate) attn_norm: Vec<f32>,
     pub(crate) wq: Matrix,
@@ -313,7 +313,7 @@ impl KvStore for DenseKv {
 }
 
 /// The model with its weights in f32.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LlamaModel {
     /// Hyperparameters.
     pub cfg: LlamaConfig,

@@ -1,0 +1,638 @@
+//! The CPU backend: f32 matrices multiplied by `faer` on rayon's threads, attention over the
+//! paged KV pools gathered per sequence, and two separate host arenas for the device and host
+//! tiers with a copy thread between them, so every tier path (load, write-back, promotion)
+//! runs for real and asynchronously.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use faer::{Accum, MatMut, MatRef, Par};
+use hotprefix_cache::{SlotId, Transfer, TransferCause, TransferId, TransferKind};
+use rayon::prelude::*;
+
+use super::{Backend, BackendError, KvLayout, StepBatch};
+use crate::model::{LlamaConfig, Matrix, RopeStyle};
+
+/// Multiply-adds below which work runs on the calling thread (splitting it costs more than it
+/// saves).
+const PARALLEL_MIN_FLOPS: usize = 1 << 20;
+/// Query tokens per attention tile, so score matrices stay a few megabytes however long the
+/// prompt.
+const ATTENTION_TILE: usize = 256;
+
+/// Row-major activations on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+impl CpuTensor {
+    /// The values, row after row.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+/// One tier's blocks. Each block holds every layer's keys and values for `block_size`
+/// positions (`[layer][k or v][offset][kv_dim]`) behind its own lock, so the copy thread and
+/// the compute threads touch different blocks without coordinating otherwise.
+#[derive(Debug, Default)]
+struct Pool {
+    blocks: Vec<RwLock<Vec<f32>>>,
+}
+
+impl Pool {
+    fn new(blocks: usize, floats: usize) -> Result<Pool, BackendError> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(blocks)
+            .map_err(|_| BackendError::Alloc(format!("{blocks} KV blocks")))?;
+        for _ in 0..blocks {
+            let mut b = Vec::new();
+            b.try_reserve_exact(floats).map_err(|_| {
+                BackendError::Alloc(format!("{blocks} KV blocks of {floats} f32"))
+            })?;
+            b.resize(floats, 0.0);
+            v.push(RwLock::new(b));
+        }
+        Ok(Pool { blocks: v })
+    }
+
+    fn block(&self, slot: SlotId) -> Result<&RwLock<Vec<f32>>, BackendError> {
+        self.blocks
+            .get(slot.0 as usize)
+            .ok_or_else(|| BackendError::Shape(format!("slot {} out of range", slot.0)))
+    }
+}
+
+/// Both tiers' pools.
+#[derive(Debug, Default)]
+struct Pools {
+    device: Pool,
+    host: Pool,
+}
+
+impl Pools {
+    /// Runs one transfer's copies.
+    fn copy(&self, t: &Transfer) -> Result<(), BackendError> {
+        let (src, dst) = match t.kind {
+            TransferKind::Load => (&self.host, &self.device),
+            TransferKind::Store => (&self.device, &self.host),
+        };
+        for &(s, d) in &t.copies {
+            let from = src.block(s)?.read().unwrap_or_else(PoisonError::into_inner);
+            let mut to = dst.block(d)?.write().unwrap_or_else(PoisonError::into_inner);
+            to.copy_from_slice(&from);
+        }
+        Ok(())
+    }
+}
+
+type Job = (Transfer, Arc<Pools>);
+
+/// f32 compute on the host's cores.
+#[derive(Debug)]
+pub struct CpuBackend {
+    pools: Arc<Pools>,
+    kv_dim: usize,
+    block_size: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// `(cos, sin)` of every position's rotation angles, `head_dim / 2` per position, grown on
+    /// demand: the same angles serve every layer, head and step.
+    rope_table: Vec<(f32, f32)>,
+    rope_key: (u32, usize),
+    jobs: Option<Sender<Job>>,
+    done: Receiver<TransferId>,
+    worker: Option<JoinHandle<()>>,
+    in_flight: usize,
+    finished: Vec<TransferId>,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for CpuBackend {
+    fn drop(&mut self) {
+        // Closing the job channel ends the copy thread once it has drained what it holds.
+        self.jobs = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl CpuBackend {
+    /// A backend with no KV pools yet (see [`Backend::allocate_kv`]).
+    pub fn new() -> CpuBackend {
+        let (jobs, inbox) = channel::<Job>();
+        let (report, done) = channel();
+        // The copy thread plays the DMA engine: it runs loads and write-back stores while the
+        // scheduler computes, and reports each finished transfer. Jobs carry the pools they
+        // copy between, so re-allocating the pools never races a copy of the old ones.
+        let worker = std::thread::Builder::new()
+            .name("kv-copy".into())
+            .spawn(move || {
+                while let Ok((t, pools)) = inbox.recv() {
+                    // Slots come from the cache and are always in range; a failure here is a
+                    // cache bug. Reporting the transfer anyway keeps requests from waiting
+                    // forever on it.
+                    if let Err(e) = pools.copy(&t) {
+                        tracing::error!(error = %e, transfer = t.id.0, "KV copy failed");
+                    }
+                    if report.send(t.id).is_err() {
+                        return;
+                    }
+                }
+            })
+            .ok();
+        CpuBackend {
+            pools: Arc::default(),
+            kv_dim: 0,
+            block_size: 0,
+            layers: 0,
+            heads: 0,
+            kv_heads: 0,
+            head_dim: 0,
+            rope_table: Vec::new(),
+            rope_key: (0, 0),
+            jobs: Some(jobs),
+            done,
+            worker,
+            in_flight: 0,
+            finished: Vec::new(),
+        }
+    }
+
+    /// Makes sure the rotation table covers `positions` for `base` and `head_dim`.
+    fn rope_angles(&mut self, base: f32, head_dim: usize, positions: usize) {
+        let half = head_dim / 2;
+        if self.rope_key != (base.to_bits(), head_dim) {
+            self.rope_table.clear();
+            self.rope_key = (base.to_bits(), head_dim);
+        }
+        let have = self.rope_table.len() / half.max(1);
+        for pos in have..positions {
+            for i in 0..half {
+                // The same expression as `model::rope`, so both give identical rotations.
+                let theta = pos as f32 * base.powf(-((2 * i) as f32) / head_dim as f32);
+                let (s, c) = theta.sin_cos();
+                self.rope_table.push((c, s));
+            }
+        }
+    }
+
+    /// Offset of `(layer, k or v, offset)` inside a block.
+    fn kv_offset(&self, layer: usize, value: bool, offset: usize) -> usize {
+        ((layer * 2 + usize::from(value)) * self.block_size + offset) * self.kv_dim
+    }
+}
+
+fn shape(what: &str, ok: bool) -> Result<(), BackendError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(BackendError::Shape(what.to_string()))
+    }
+}
+
+fn par_for(flops: usize) -> Par {
+    if flops >= PARALLEL_MIN_FLOPS && rayon::current_num_threads() > 1 {
+        Par::rayon(0)
+    } else {
+        Par::Seq
+    }
+}
+
+/// `out[m, n] = a[m, k] * b[k, n]`, row-major `a` and `out`, `b` any view. `faer` takes a
+/// different (matrix-vector) path for a single row, whose rounding differs from the path for two
+/// or more; a single row is therefore computed as two, so a row's result never depends on how
+/// many rows share the call (a sequence batched with others gets exactly the numbers it gets
+/// alone, and a cache hit exactly those of a cold run).
+fn matmul_rows(a: &[f32], m: usize, k: usize, b: MatRef<'_, f32>, out: &mut [f32], par: Par) {
+    let n = b.ncols();
+    if m == 1 {
+        let mut a2 = Vec::with_capacity(2 * k);
+        a2.extend_from_slice(a);
+        a2.extend_from_slice(a);
+        let mut o2 = vec![0f32; 2 * n];
+        matmul_rows(&a2, 2, k, b, &mut o2, par);
+        out.copy_from_slice(&o2[..n]);
+        return;
+    }
+    let am = MatRef::from_row_major_slice(a, m, k);
+    let om = MatMut::from_row_major_slice_mut(out, m, n);
+    faer::linalg::matmul::matmul(om, Accum::Replace, am, b, 1.0, par);
+}
+
+/// Row-wise softmax in place.
+fn softmax(v: &mut [f32]) {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in v.iter_mut() {
+        *x = (*x - m).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in v.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// One unit of attention work: a tile of one sequence's query tokens, one KV head.
+struct AttnTask {
+    seq: usize,
+    kv_head: usize,
+    /// Token range of the sequence's new tokens in this tile.
+    tokens: std::ops::Range<usize>,
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Matrix = Matrix;
+    type Vector = Vec<f32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload_matrix(&mut self, m: Matrix) -> Result<Matrix, BackendError> {
+        Ok(m)
+    }
+
+    fn upload_vector(&mut self, v: Vec<f32>) -> Result<Vec<f32>, BackendError> {
+        Ok(v)
+    }
+
+    fn tensor(&mut self, rows: usize, cols: usize) -> Result<CpuTensor, BackendError> {
+        let len = rows
+            .checked_mul(cols)
+            .ok_or_else(|| BackendError::Alloc(format!("{rows} x {cols} tensor")))?;
+        Ok(CpuTensor {
+            rows,
+            cols,
+            data: vec![0.0; len],
+        })
+    }
+
+    fn embed(
+        &mut self,
+        table: &Matrix,
+        tokens: &[u32],
+        out: &mut CpuTensor,
+    ) -> Result<(), BackendError> {
+        shape(
+            "embed output",
+            out.rows == tokens.len() && out.cols == table.cols(),
+        )?;
+        for (row, &t) in out.data.chunks_exact_mut(table.cols()).zip(tokens) {
+            let t = t as usize;
+            if t >= table.rows() {
+                return Err(BackendError::Shape(format!(
+                    "token {t} outside the vocabulary of {}",
+                    table.rows()
+                )));
+            }
+            row.copy_from_slice(&table.data()[t * table.cols()..(t + 1) * table.cols()]);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &mut self,
+        x: &CpuTensor,
+        w: &Vec<f32>,
+        eps: f32,
+        out: &mut CpuTensor,
+    ) -> Result<(), BackendError> {
+        shape(
+            "rms_norm",
+            x.cols == w.len() && out.cols == x.cols && out.rows == x.rows,
+        )?;
+        let norm = |(row, o): (&[f32], &mut [f32])| {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for ((o, &xi), &wi) in o.iter_mut().zip(row).zip(w.iter()) {
+                *o = xi * inv * wi;
+            }
+        };
+        if x.data.len() >= PARALLEL_MIN_FLOPS / 8 {
+            x.data
+                .par_chunks_exact(x.cols)
+                .zip(out.data.par_chunks_exact_mut(x.cols))
+                .for_each(norm);
+        } else {
+            x.data
+                .chunks_exact(x.cols)
+                .zip(out.data.chunks_exact_mut(x.cols))
+                .for_each(norm);
+        }
+        Ok(())
+    }
+
+    fn matmul(
+        &mut self,
+        x: &CpuTensor,
+        w: &Matrix,
+        out: &mut CpuTensor,
+    ) -> Result<(), BackendError> {
+        shape(
+            "matmul",
+            x.cols == w.cols() && out.rows == x.rows && out.cols == w.rows(),
+        )?;
+        if x.rows == 0 {
+            return Ok(());
+        }
+        let wm = MatRef::from_row_major_slice(w.data(), w.rows(), w.cols());
+        let par = par_for(x.rows * w.rows() * w.cols());
+        matmul_rows(&x.data, x.rows, x.cols, wm.transpose(), &mut out.data, par);
+        Ok(())
+    }
+
+    fn add_bias(&mut self, x: &mut CpuTensor, b: &Vec<f32>) -> Result<(), BackendError> {
+        shape("bias", x.cols == b.len())?;
+        for row in x.data.chunks_exact_mut(x.cols) {
+            row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    fn rope(
+        &mut self,
+        x: &mut CpuTensor,
+        batch: &StepBatch,
+        head_dim: usize,
+        base: f32,
+        style: RopeStyle,
+    ) -> Result<(), BackendError> {
+        let positions = batch.positions();
+        shape(
+            "rope",
+            positions.len() == x.rows && head_dim % 2 == 0 && x.cols % head_dim == 0,
+        )?;
+        let max = positions.iter().copied().max().map_or(0, |p| p + 1);
+        self.rope_angles(base, head_dim, max);
+        let half = head_dim / 2;
+        let table = &self.rope_table;
+        for (row, &pos) in x.data.chunks_exact_mut(x.cols).zip(&positions) {
+            let angles = &table[pos * half..(pos + 1) * half];
+            for head in row.chunks_exact_mut(head_dim) {
+                for (i, &(c, s)) in angles.iter().enumerate() {
+                    let (ia, ib) = match style {
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                        RopeStyle::HalfSplit => (i, i + half),
+                    };
+                    let (a, b) = (head[ia], head[ib]);
+                    head[ia] = a * c - b * s;
+                    head[ib] = a * s + b * c;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&mut self, gate: &mut CpuTensor, up: &CpuTensor) -> Result<(), BackendError> {
+        shape("silu_mul", gate.data.len() == up.data.len())?;
+        for (g, &u) in gate.data.iter_mut().zip(&up.data) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, x: &mut CpuTensor, y: &CpuTensor) -> Result<(), BackendError> {
+        shape("add", x.data.len() == y.data.len())?;
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn write_kv(
+        &mut self,
+        layer: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        batch: &StepBatch,
+    ) -> Result<(), BackendError> {
+        shape(
+            "write_kv",
+            k.cols == self.kv_dim
+                && v.cols == self.kv_dim
+                && k.rows == batch.rows()
+                && v.rows == k.rows
+                && layer < self.layers
+                && batch.block_size == self.block_size,
+        )?;
+        let d = self.kv_dim;
+        for s in &batch.seqs {
+            for (i, row) in s.rows.clone().enumerate() {
+                let pos = s.start + i;
+                let slot = s.table[pos / self.block_size];
+                let off = pos % self.block_size;
+                let mut b = self
+                    .pools
+                    .device
+                    .block(slot)?
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let ko = self.kv_offset(layer, false, off);
+                b[ko..ko + d].copy_from_slice(&k.data[row * d..(row + 1) * d]);
+                let vo = self.kv_offset(layer, true, off);
+                b[vo..vo + d].copy_from_slice(&v.data[row * d..(row + 1) * d]);
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        q: &CpuTensor,
+        batch: &StepBatch,
+        out: &mut CpuTensor,
+    ) -> Result<(), BackendError> {
+        let (hd, d, group) = (self.head_dim, self.kv_dim, self.heads / self.kv_heads.max(1));
+        let qd = self.heads * hd;
+        shape(
+            "attention",
+            q.cols == qd
+                && out.cols == qd
+                && q.rows == batch.rows()
+                && out.rows == q.rows
+                && layer < self.layers
+                && batch.block_size == self.block_size,
+        )?;
+        batch.validate()?;
+        // Gather each sequence's keys and values for this layer into contiguous rows: one
+        // pass over its blocks, after which every head's products are plain matrix products.
+        let bs = self.block_size;
+        let pools = &self.pools;
+        let (ko, vo) = (self.kv_offset(layer, false, 0), self.kv_offset(layer, true, 0));
+        let gathered: Vec<(Vec<f32>, Vec<f32>)> = batch
+            .seqs
+            .par_iter()
+            .map(|s| {
+                let ctx = s.start + s.rows.len();
+                let (mut kg, mut vg) = (Vec::with_capacity(ctx * d), Vec::with_capacity(ctx * d));
+                for (bi, &slot) in s.table.iter().enumerate().take(ctx.div_ceil(bs)) {
+                    let n = bs.min(ctx - bi * bs);
+                    let b = pools
+                        .device
+                        .block(slot)?
+                        .read()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    kg.extend_from_slice(&b[ko..ko + n * d]);
+                    vg.extend_from_slice(&b[vo..vo + n * d]);
+                }
+                Ok((kg, vg))
+            })
+            .collect::<Result<_, BackendError>>()?;
+        let mut tasks = Vec::new();
+        for (si, s) in batch.seqs.iter().enumerate() {
+            let n = s.rows.len();
+            for t0 in (0..n).step_by(ATTENTION_TILE) {
+                for kv_head in 0..self.kv_heads {
+                    tasks.push(AttnTask {
+                        seq: si,
+                        kv_head,
+                        tokens: t0..(t0 + ATTENTION_TILE).min(n),
+                    });
+                }
+            }
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let results: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|task| {
+                let s = &batch.seqs[task.seq];
+                let (kg, vg) = &gathered[task.seq];
+                let ctx = s.start + s.rows.len();
+                let m = task.tokens.len() * group;
+                // Queries of the group's heads, one row per (token, head), contiguous.
+                let mut qg = Vec::with_capacity(m * hd);
+                for t in task.tokens.clone() {
+                    let row = s.rows.start + t;
+                    let at = row * qd + task.kv_head * group * hd;
+                    qg.extend_from_slice(&q.data[at..at + group * hd]);
+                }
+                let kh = &kg[task.kv_head * hd..];
+                let vh = &vg[task.kv_head * hd..];
+                let kv = MatRef::from_row_major_slice_with_stride(kh, ctx, hd, d);
+                let vv = MatRef::from_row_major_slice_with_stride(vh, ctx, hd, d);
+                let mut scores = vec![0f32; m * ctx];
+                // Tiles run in parallel already, so each product stays on its thread.
+                matmul_rows(&qg, m, hd, kv.transpose(), &mut scores, Par::Seq);
+                for (r, row) in scores.chunks_exact_mut(ctx).enumerate() {
+                    let pos = s.start + task.tokens.start + r / group;
+                    // Causal: a token sees its own position and everything before it.
+                    let (seen, future) = row.split_at_mut(pos + 1);
+                    seen.iter_mut().for_each(|x| *x *= scale);
+                    future.fill(f32::NEG_INFINITY);
+                    softmax(seen);
+                    future.fill(0.0);
+                }
+                let mut o = vec![0f32; m * hd];
+                matmul_rows(&scores, m, ctx, vv, &mut o, Par::Seq);
+                o
+            })
+            .collect();
+        for (task, o) in tasks.iter().zip(results) {
+            let s = &batch.seqs[task.seq];
+            for (i, t) in task.tokens.clone().enumerate() {
+                let row = s.rows.start + t;
+                let at = row * qd + task.kv_head * group * hd;
+                out.data[at..at + group * hd]
+                    .copy_from_slice(&o[i * group * hd..(i + 1) * group * hd]);
+            }
+        }
+        Ok(())
+    }
+
+    fn select_rows(&mut self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor, BackendError> {
+        shape("select_rows", rows.iter().all(|&r| r < x.rows))?;
+        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            data.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        Ok(CpuTensor {
+            rows: rows.len(),
+            cols: x.cols,
+            data,
+        })
+    }
+
+    fn to_host(&mut self, x: &CpuTensor) -> Result<Vec<f32>, BackendError> {
+        Ok(x.data.clone())
+    }
+
+    fn allocate_kv(&mut self, cfg: &LlamaConfig, layout: KvLayout) -> Result<(), BackendError> {
+        let floats = 2 * cfg.layers * layout.block_size * cfg.kv_dim();
+        self.pools = Arc::new(Pools {
+            device: Pool::new(layout.device_blocks, floats)?,
+            host: Pool::new(layout.host_blocks, floats)?,
+        });
+        self.kv_dim = cfg.kv_dim();
+        self.block_size = layout.block_size;
+        self.layers = cfg.layers;
+        self.heads = cfg.heads;
+        self.kv_heads = cfg.kv_heads;
+        self.head_dim = cfg.head_dim;
+        Ok(())
+    }
+
+    fn submit_transfer(&mut self, t: Transfer) -> Result<(), BackendError> {
+        if t.kind == TransferKind::Store && t.cause == TransferCause::Eviction {
+            // The source slots are already free in the cache: copy before anything can
+            // write them.
+            self.pools.copy(&t)?;
+            self.finished.push(t.id);
+            return Ok(());
+        }
+        let jobs = self
+            .jobs
+            .as_ref()
+            .ok_or_else(|| BackendError::Unavailable("the copy thread has stopped".into()))?;
+        if self.worker.is_none() {
+            // No copy thread could be started: copy inline.
+            self.pools.copy(&t)?;
+            self.finished.push(t.id);
+            return Ok(());
+        }
+        let id = t.id;
+        match jobs.send((t, Arc::clone(&self.pools))) {
+            Ok(()) => self.in_flight += 1,
+            Err(e) => {
+                let (t, _) = e.0;
+                self.pools.copy(&t)?;
+                self.finished.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_transfers(&mut self, wait: Duration) -> Vec<TransferId> {
+        let mut out = std::mem::take(&mut self.finished);
+        let before = out.len();
+        while let Ok(id) = self.done.try_recv() {
+            out.push(id);
+        }
+        if out.is_empty() && self.in_flight > 0 && !wait.is_zero() {
+            match self.done.recv_timeout(wait) {
+                Ok(id) => out.push(id),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+            }
+        }
+        self.in_flight -= (out.len() - before).min(self.in_flight);
+        out
+    }
+
+    fn transfers_in_flight(&self) -> usize {
+        self.in_flight + self.finished.len()
+    }
+}
