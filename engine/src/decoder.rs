@@ -6,7 +6,6 @@
 use crate::backend::{Backend, BackendError, StepBatch};
 use crate::model::{LlamaConfig, LlamaModel};
 
-#[derive(Debug)]
 struct LayerW<B: Backend> {
     attn_norm: B::Vector,
     wq: B::Matrix,
@@ -23,13 +22,18 @@ struct LayerW<B: Backend> {
 }
 
 /// A model's weights inside a backend, ready to run steps.
-#[derive(Debug)]
 pub struct Decoder<B: Backend> {
     cfg: LlamaConfig,
     embed: B::Matrix,
     layers: Vec<LayerW<B>>,
     out_norm: B::Vector,
     output: Option<B::Matrix>,
+}
+
+impl<B: Backend> std::fmt::Debug for Decoder<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder").field("cfg", &self.cfg).finish()
+    }
 }
 
 impl<B: Backend> Decoder<B> {
