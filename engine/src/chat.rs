@@ -87,6 +87,20 @@ impl ChatTemplate {
     }
 }
 
+/// The ChatML template (`<|im_start|>role\ncontent<|im_end|>\n` per message), used for models
+/// that carry no template of their own: GGUF files without `tokenizer.chat_template`, Hugging
+/// Face directories without one, and the `random:` presets.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}\
+{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\
+{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+impl ChatTemplate {
+    /// The default [`CHATML_TEMPLATE`], whose EOS is `<|im_end|>`.
+    pub fn chatml() -> Result<Self, ChatError> {
+        ChatTemplate::new(CHATML_TEMPLATE, "", "<|im_end|>")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +130,24 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
         assert!(ChatTemplate::new("{% if %}", "", "").is_err());
+    }
+
+    #[test]
+    fn the_default_chatml_template_renders_each_turn() {
+        let out = ChatTemplate::chatml()
+            .unwrap()
+            .render(
+                &[
+                    ChatMessage::new("system", "Be brief."),
+                    ChatMessage::new("user", "Hi"),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
     }
 }

@@ -135,7 +135,11 @@ impl<B: Backend> Decoder<B> {
         let mut normed = backend.tensor(logits_rows.len(), h)?;
         backend.rms_norm(&last, &self.out_norm, c.eps, &mut normed)?;
         let mut logits = backend.tensor(logits_rows.len(), c.vocab)?;
-        backend.matmul(&normed, self.output.as_ref().unwrap_or(&self.embed), &mut logits)?;
+        backend.matmul(
+            &normed,
+            self.output.as_ref().unwrap_or(&self.embed),
+            &mut logits,
+        )?;
         let flat = backend.to_host(&logits)?;
         Ok(flat.chunks_exact(c.vocab).map(<[f32]>::to_vec).collect())
     }

@@ -2,16 +2,21 @@
 //! ([`tokenizer`]), rendering chat templates ([`chat`]) and the dense reference decoder
 //! ([`model`]); the paged backends, scheduler and HTTP server follow (issue 3).
 
+pub mod api;
 pub mod backend;
 pub mod chat;
+pub mod config;
 pub mod decoder;
+pub mod engine;
 pub mod gguf;
-pub mod metrics;
 pub mod hf;
+pub mod launch;
+pub mod metrics;
 pub mod model;
 pub mod paged;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;
+pub mod server;
 pub mod source;
 pub mod tokenizer;

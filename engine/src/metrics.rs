@@ -195,10 +195,7 @@ impl EngineMetrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let m = self
-            .inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let m = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let mut o = String::with_capacity(8192);
         let model = &self.model;
         let mut g = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
@@ -254,11 +251,20 @@ impl EngineMetrics {
             "gauge",
             "KV blocks per tier and state.",
             &[
-                (",tier=\"device\",state=\"capacity\"", f64::from(u.device_capacity)),
+                (
+                    ",tier=\"device\",state=\"capacity\"",
+                    f64::from(u.device_capacity),
+                ),
                 (",tier=\"device\",state=\"cached\"", u.device_cached as f64),
-                (",tier=\"device\",state=\"in_use\"", u.device_outstanding as f64),
+                (
+                    ",tier=\"device\",state=\"in_use\"",
+                    u.device_outstanding as f64,
+                ),
                 (",tier=\"device\",state=\"free\"", u.device_free as f64),
-                (",tier=\"host\",state=\"capacity\"", f64::from(u.host_capacity)),
+                (
+                    ",tier=\"host\",state=\"capacity\"",
+                    f64::from(u.host_capacity),
+                ),
                 (",tier=\"host\",state=\"free\"", u.host_free as f64),
             ],
         );

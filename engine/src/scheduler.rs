@@ -104,6 +104,8 @@ pub enum Event {
     Token(u32),
     /// The request ended; nothing follows.
     Done(Finish),
+    /// The engine refused the request before queuing it; nothing follows.
+    Rejected(SubmitError),
 }
 
 /// Why a request ended, with its token counts.
@@ -149,7 +151,7 @@ pub struct Request {
 }
 
 /// Why a request was refused before it was queued.
-#[derive(Debug, Error, PartialEq)]
+#[derive(Clone, Debug, Error, PartialEq)]
 pub enum SubmitError {
     /// The prompt has no tokens.
     #[error("the prompt is empty")]
@@ -659,7 +661,8 @@ impl<B: Backend> Scheduler<B> {
                     Err(_) => {
                         // Out of blocks: preempt the most recently admitted request that has
                         // not been given rows in this step (possibly this one).
-                        let Some(&victim) = order[k..].iter().max_by_key(|&&j| self.running[j].admitted)
+                        let Some(&victim) =
+                            order[k..].iter().max_by_key(|&&j| self.running[j].admitted)
                         else {
                             break;
                         };
@@ -717,7 +720,7 @@ impl<B: Backend> Scheduler<B> {
             Err(e) => {
                 tracing::error!(error = %e, "forward step failed");
                 let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                idx.sort_unstable_by(|a, b| b.cmp(a));
+                idx.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in idx {
                     let s = self.running.swap_remove(i);
                     self.retire(s, Some(FinishReason::Error(e.to_string())));
@@ -759,7 +762,7 @@ impl<B: Backend> Scheduler<B> {
         for &(i, _) in &plan {
             self.insert_full(i);
         }
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             let s = self.running.swap_remove(i);
             self.retire(s, reason);
@@ -828,7 +831,10 @@ impl<B: Backend> Scheduler<B> {
             return Err("requests remain".into());
         }
         if u.device_outstanding != 0 {
-            return Err(format!("{} device blocks outstanding", u.device_outstanding));
+            return Err(format!(
+                "{} device blocks outstanding",
+                u.device_outstanding
+            ));
         }
         if self
             .cache

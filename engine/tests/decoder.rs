@@ -61,7 +61,10 @@ fn run_steps(
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn reference_logits(m: &LlamaModel, tokens: &[u32]) -> Vec<f32> {

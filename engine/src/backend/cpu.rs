@@ -52,9 +52,8 @@ impl Pool {
             .map_err(|_| BackendError::Alloc(format!("{blocks} KV blocks")))?;
         for _ in 0..blocks {
             let mut b = Vec::new();
-            b.try_reserve_exact(floats).map_err(|_| {
-                BackendError::Alloc(format!("{blocks} KV blocks of {floats} f32"))
-            })?;
+            b.try_reserve_exact(floats)
+                .map_err(|_| BackendError::Alloc(format!("{blocks} KV blocks of {floats} f32")))?;
             b.resize(floats, 0.0);
             v.push(RwLock::new(b));
         }
@@ -84,7 +83,10 @@ impl Pools {
         };
         for &(s, d) in &t.copies {
             let from = src.block(s)?.read().unwrap_or_else(PoisonError::into_inner);
-            let mut to = dst.block(d)?.write().unwrap_or_else(PoisonError::into_inner);
+            let mut to = dst
+                .block(d)?
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
             to.copy_from_slice(&from);
         }
         Ok(())
@@ -376,7 +378,9 @@ impl Backend for CpuBackend {
         let positions = batch.positions();
         shape(
             "rope",
-            positions.len() == x.rows && head_dim % 2 == 0 && x.cols % head_dim == 0,
+            positions.len() == x.rows
+                && head_dim.is_multiple_of(2)
+                && x.cols.is_multiple_of(head_dim),
         )?;
         let max = positions.iter().copied().max().map_or(0, |p| p + 1);
         self.rope_angles(base, head_dim, max);
@@ -457,7 +461,11 @@ impl Backend for CpuBackend {
         batch: &StepBatch,
         out: &mut CpuTensor,
     ) -> Result<(), BackendError> {
-        let (hd, d, group) = (self.head_dim, self.kv_dim, self.heads / self.kv_heads.max(1));
+        let (hd, d, group) = (
+            self.head_dim,
+            self.kv_dim,
+            self.heads / self.kv_heads.max(1),
+        );
         let qd = self.heads * hd;
         shape(
             "attention",
@@ -473,7 +481,10 @@ impl Backend for CpuBackend {
         // pass over its blocks, after which every head's products are plain matrix products.
         let bs = self.block_size;
         let pools = &self.pools;
-        let (ko, vo) = (self.kv_offset(layer, false, 0), self.kv_offset(layer, true, 0));
+        let (ko, vo) = (
+            self.kv_offset(layer, false, 0),
+            self.kv_offset(layer, true, 0),
+        );
         let gathered: Vec<(Vec<f32>, Vec<f32>)> = batch
             .seqs
             .par_iter()

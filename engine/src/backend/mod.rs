@@ -48,7 +48,9 @@ impl FromStr for BackendKind {
             "cpu" => Ok(BackendKind::Cpu),
             "cuda" => Ok(BackendKind::Cuda),
             "auto" => Ok(BackendKind::Auto),
-            other => Err(format!("unknown backend {other:?}; expected cpu, cuda or auto")),
+            other => Err(format!(
+                "unknown backend {other:?}; expected cpu, cuda or auto"
+            )),
         }
     }
 }
@@ -192,8 +194,7 @@ pub trait Backend: Send + fmt::Debug {
         style: RopeStyle,
     ) -> Result<(), BackendError>;
     /// `gate` = SiLU(`gate`) * `up`, element-wise.
-    fn silu_mul(&mut self, gate: &mut Self::Tensor, up: &Self::Tensor)
-    -> Result<(), BackendError>;
+    fn silu_mul(&mut self, gate: &mut Self::Tensor, up: &Self::Tensor) -> Result<(), BackendError>;
     /// `x` += `y`, element-wise.
     fn add(&mut self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), BackendError>;
     /// Stores layer `layer`'s keys and values of every row into the row's block slot in the

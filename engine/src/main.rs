@@ -1,0 +1,66 @@
+//! `hotprefix-engine`: loads a model and serves the OpenAI-compatible API until SIGINT or
+//! SIGTERM, then drains in-flight requests within the grace period.
+
+use anyhow::Context;
+use clap::Parser;
+use hotprefix_engine::config::EngineArgs;
+use hotprefix_engine::launch::launch;
+use hotprefix_engine::server;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cfg = EngineArgs::parse().validate()?;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if cfg.json_logs {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let state = launch(&cfg).context("starting the engine")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        // The HTTP side only parses, tokenises and streams; compute runs on rayon's threads.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, model = %state.model_id, "serving");
+        server::run(listener, state, shutdown_signal(), cfg.shutdown_grace)
+            .await
+            .context("serving HTTP")
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

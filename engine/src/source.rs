@@ -1,0 +1,280 @@
+//! Where a served model comes from: a GGUF file, a Hugging Face model directory, or
+//! `random:<preset>` (random weights of a named shape, for tests and performance work), parsed
+//! from the command line and loaded with its tokenizer, chat template and stop tokens.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use thiserror::Error;
+
+use crate::chat::{ChatError, ChatTemplate};
+use crate::gguf::{GgufError, GgufFile};
+use crate::hf::{self, HfConfig, HfError};
+use crate::model::{LlamaConfig, LlamaModel, ModelError};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// The seed of every `random:<preset>` model, so that a preset always has the same weights.
+pub const RANDOM_SEED: u64 = 42;
+
+/// Special tokens that end a turn or a text in common chat formats (ChatML, Llama 3, GPT-2 and
+/// Qwen2); those present in a model's vocabulary stop generation besides its EOS.
+pub const STOP_TOKEN_TEXTS: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+];
+
+/// A model named on the command line as `PATH`, `DIR` or `random:PRESET`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A `.gguf` file.
+    Gguf(PathBuf),
+    /// A Hugging Face model directory (with `config.json`, safetensors weights and
+    /// `tokenizer.json`).
+    HuggingFace(PathBuf),
+    /// Random weights of the named [`LlamaConfig::preset`], seeded with [`RANDOM_SEED`], with
+    /// the byte-level tokenizer and the ChatML template.
+    Random(String),
+}
+
+/// Why a model source could not be parsed or loaded.
+#[derive(Debug, Error)]
+pub enum SourceError {
+    /// The path does not exist.
+    #[error("model {0}: no such file or directory")]
+    NotFound(PathBuf),
+    /// A directory that is not a Hugging Face model.
+    #[error("model {0}: a directory without config.json is not a Hugging Face model directory")]
+    NoConfig(PathBuf),
+    /// A file that is not GGUF.
+    #[error("model {0}: expected a .gguf file, a Hugging Face model directory or random:PRESET")]
+    NotAModel(PathBuf),
+    /// `random:` with a preset that does not exist.
+    #[error("model random:{name}: {reason}")]
+    UnknownPreset {
+        /// The preset asked for.
+        name: String,
+        /// The error, listing the valid presets.
+        reason: String,
+    },
+    /// The GGUF file could not be read.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// The model's shape or weights are unusable.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The Hugging Face directory could not be loaded.
+    #[error(transparent)]
+    Hf(#[from] HfError),
+    /// The tokenizer could not be built.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The chat template does not compile.
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    /// The tokenizer's ids do not fit the model.
+    #[error("model {0}")]
+    Mismatch(String),
+}
+
+impl FromStr for ModelSource {
+    type Err = SourceError;
+
+    /// `random:<preset>`, a path to a `.gguf` file, or a directory holding `config.json`.
+    fn from_str(s: &str) -> Result<ModelSource, SourceError> {
+        if let Some(name) = s.strip_prefix("random:") {
+            return match LlamaConfig::preset(name) {
+                Ok(_) => Ok(ModelSource::Random(name.to_string())),
+                Err(e) => Err(SourceError::UnknownPreset {
+                    name: name.to_string(),
+                    reason: e.to_string(),
+                }),
+            };
+        }
+        let path = PathBuf::from(s);
+        if path.is_dir() {
+            if path.join("config.json").is_file() {
+                Ok(ModelSource::HuggingFace(path))
+            } else {
+                Err(SourceError::NoConfig(path))
+            }
+        } else if path.is_file() {
+            let gguf = path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+            if gguf {
+                Ok(ModelSource::Gguf(path))
+            } else {
+                Err(SourceError::NotAModel(path))
+            }
+        } else {
+            Err(SourceError::NotFound(path))
+        }
+    }
+}
+
+impl fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelSource::Gguf(p) | ModelSource::HuggingFace(p) => write!(f, "{}", p.display()),
+            ModelSource::Random(name) => write!(f, "random:{name}"),
+        }
+    }
+}
+
+/// A model ready to serve.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The weights.
+    pub model: LlamaModel,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its chat template (ChatML when the model has none).
+    pub chat: ChatTemplate,
+    /// The name it is served under: a GGUF file's name without `.gguf`, in lower case with
+    /// dashes, a Hugging Face directory's name, or
+    /// `random-<preset>`.
+    pub id: String,
+    /// Token ids that end generation: the EOS first, then the [`STOP_TOKEN_TEXTS`] in the
+    /// vocabulary and a Hugging Face model's `eos_token_id`s; each below the model's vocabulary
+    /// size, none twice.
+    pub stop_tokens: Vec<u32>,
+}
+
+/// `name` in lower case, with every run of other characters than letters, digits, `.` and `_`
+/// made one dash: `SmolLM2 135M Instruct` becomes `smollm2-135m-instruct`.
+fn slug(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars().flat_map(char::to_lowercase) {
+        if c.is_alphanumeric() || c == '.' || c == '_' {
+            out.push(c);
+        } else if !out.is_empty() && !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    while out.ends_with('-') {
+        out.pop();
+    }
+    out
+}
+
+/// The last component of `path` (resolved, so that `.` names the directory itself).
+fn file_name(path: &Path, strip_extension: bool) -> String {
+    let resolved = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let name = if strip_extension {
+        resolved.file_stem()
+    } else {
+        resolved.file_name()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".to_string())
+}
+
+/// The stop tokens of a model with `tokenizer` and a vocabulary of `vocab` ids.
+fn stop_tokens(tokenizer: &Tokenizer, extra: &[u32], vocab: usize) -> Vec<u32> {
+    let mut stops = vec![tokenizer.eos()];
+    let named = STOP_TOKEN_TEXTS
+        .iter()
+        .filter_map(|t| tokenizer.token_id(t));
+    for id in named.chain(extra.iter().copied()) {
+        if !stops.contains(&id) {
+            stops.push(id);
+        }
+    }
+    stops.retain(|&id| (id as usize) < vocab);
+    stops
+}
+
+/// Checks that every id the tokenizer can produce is a row of the model's embeddings.
+fn check_vocab(tokenizer: &Tokenizer, model: &LlamaModel) -> Result<(), SourceError> {
+    if tokenizer.vocab_size() > model.cfg.vocab {
+        return Err(SourceError::Mismatch(format!(
+            "the tokenizer has {} tokens but the model's vocabulary only {}",
+            tokenizer.vocab_size(),
+            model.cfg.vocab
+        )));
+    }
+    Ok(())
+}
+
+/// Loads the model, tokenizer and chat template `source` names.
+pub fn load(source: &ModelSource) -> Result<LoadedModel, SourceError> {
+    match source {
+        ModelSource::Gguf(path) => load_gguf(path),
+        ModelSource::HuggingFace(dir) => load_hf(dir),
+        ModelSource::Random(name) => load_random(name),
+    }
+}
+
+fn load_gguf(path: &Path) -> Result<LoadedModel, SourceError> {
+    let g = GgufFile::open(path)?;
+    let model = LlamaModel::from_gguf(&g)?;
+    let tokenizer = Tokenizer::from_gguf(&g)?;
+    check_vocab(&tokenizer, &model)?;
+    // Templates print the special tokens' text, which the file gives only as ids.
+    let text = |id: Option<u64>| {
+        id.and_then(|id| u32::try_from(id).ok())
+            .and_then(|id| tokenizer.token(id))
+            .unwrap_or_default()
+    };
+    let bos = text(g.meta_u64("tokenizer.ggml.bos_token_id"));
+    let eos = text(Some(u64::from(tokenizer.eos())));
+    let chat = match g.meta_str("tokenizer.chat_template") {
+        Some(source) => ChatTemplate::new(source, &bos, &eos)?,
+        None => ChatTemplate::chatml()?,
+    };
+    // The file name, not `general.name`: it names the variant (quantisation included), and
+    // it is what users see on disk and pass on the command line.
+    let id = Some(slug(&file_name(path, true)))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "model".to_string());
+    let stop_tokens = stop_tokens(&tokenizer, &[], model.cfg.vocab);
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat,
+        id,
+        stop_tokens,
+    })
+}
+
+fn load_hf(dir: &Path) -> Result<LoadedModel, SourceError> {
+    let cfg = HfConfig::read(dir)?;
+    let t = hf::load_tokenizer(dir, &cfg)?;
+    let model = hf::model_from_weights(&cfg, &hf::Weights::open(dir)?)?;
+    check_vocab(&t.tokenizer, &model)?;
+    let chat = match &t.chat_template {
+        Some(source) => {
+            ChatTemplate::new(source, t.bos_token.as_deref().unwrap_or(""), &t.eos_token)?
+        }
+        None => ChatTemplate::chatml()?,
+    };
+    let stop_tokens = stop_tokens(&t.tokenizer, &cfg.eos_token_ids, model.cfg.vocab);
+    Ok(LoadedModel {
+        model,
+        tokenizer: t.tokenizer,
+        chat,
+        id: file_name(dir, false),
+        stop_tokens,
+    })
+}
+
+fn load_random(name: &str) -> Result<LoadedModel, SourceError> {
+    let cfg = LlamaConfig::preset(name).map_err(|e| SourceError::UnknownPreset {
+        name: name.to_string(),
+        reason: e.to_string(),
+    })?;
+    let tokenizer = Tokenizer::bytes(cfg.vocab)?;
+    let model = LlamaModel::random(cfg, RANDOM_SEED);
+    let stop_tokens = stop_tokens(&tokenizer, &[], model.cfg.vocab);
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat: ChatTemplate::chatml()?,
+        id: format!("random-{name}"),
+        stop_tokens,
+    })
+}
