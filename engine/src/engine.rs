@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hotprefix_cache::{SummaryEntry, Usage};
 use serde::Serialize;
@@ -31,6 +31,14 @@ pub struct CacheReport {
     pub stats: hotprefix_cache::CacheStats,
     /// The hottest prefixes, hottest first.
     pub hottest: Vec<SummaryEntry>,
+    /// Cached blocks held by running requests (zero when idle: nothing leaked).
+    pub locked_blocks: usize,
+    /// Cached blocks being copied between tiers.
+    pub in_transfer_blocks: usize,
+    /// Requests queued and running.
+    pub waiting: usize,
+    /// Requests running.
+    pub running: usize,
 }
 
 enum Command {
@@ -189,7 +197,15 @@ fn handle<B: Backend>(s: &mut Scheduler<B>, c: Command, in_channel: &AtomicUsize
         }
         Command::Report(top_k, reply) => {
             let st = s.status();
+            let resident = s.cache().resident_blocks();
             let _ = reply.send(CacheReport {
+                locked_blocks: resident.iter().filter(|b| b.locked).count(),
+                in_transfer_blocks: resident
+                    .iter()
+                    .filter(|b| b.device_loading || b.host_writing)
+                    .count(),
+                waiting: st.waiting,
+                running: st.running,
                 block_size: s.config().block_size,
                 policy: s.config().policy.to_string(),
                 usage: st.usage,
@@ -202,7 +218,6 @@ fn handle<B: Backend>(s: &mut Scheduler<B>, c: Command, in_channel: &AtomicUsize
 }
 
 fn run_loop<B: Backend>(s: &mut Scheduler<B>, rx: &Receiver<Command>, in_channel: &AtomicUsize) {
-    let mut last_status = Instant::now();
     loop {
         if !s.has_work() {
             // Idle: sleep until a command arrives (or every second, to refresh gauges).
@@ -229,8 +244,5 @@ fn run_loop<B: Backend>(s: &mut Scheduler<B>, rx: &Receiver<Command>, in_channel
             }
         }
         s.step();
-        if last_status.elapsed() > Duration::from_secs(1) {
-            last_status = Instant::now();
-        }
     }
 }

@@ -352,6 +352,10 @@ async fn debug_cache(
         "usage": report.usage,
         "stats": report.stats,
         "hottest": hottest,
+        "locked_blocks": report.locked_blocks,
+        "in_transfer_blocks": report.in_transfer_blocks,
+        "waiting": report.waiting,
+        "running": report.running,
     }))
     .into_response())
 }
