@@ -13,8 +13,6 @@ pub mod hf;
 pub mod launch;
 pub mod metrics;
 pub mod model;
-pub mod paged;
-pub mod runner;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;
