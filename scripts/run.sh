@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The project's run command (README "Run it"): builds the simulator in release mode and replays
-# the bundled Mooncake conversation trace through every policy, printing the comparison table.
-# Extra arguments are passed to `hotprefix-bench sim` (e.g. --replicas 4 --time-scale 1.2).
+# The project's run command (README "Run it"): installs the default model if needed, builds the
+# engine in release mode and serves SmolLM2-135M-Instruct on http://127.0.0.1:8000 with the
+# OpenAI-compatible API and the two-tier hotness-aware prefix cache, until Ctrl-C.
+# Every flag and HOTPREFIX_* variable of `hotprefix-engine` works; extra arguments are passed
+# through (e.g. --listen 0.0.0.0:8000 --policy lru --device-cache-tokens 8192).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p hotprefix-sim
-exec ./target/release/hotprefix-bench sim \
-    --trace ../shared/traces/mooncake_fast25_conversation_trace.jsonl \
-    --time-scale 0.3 --out out/sim "$@"
+bash scripts/fetch-model.sh
+cargo build --release --locked -p hotprefix-engine
+exec ./target/release/hotprefix-engine \
+    --model "${HOTPREFIX_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}" "$@"

@@ -19,6 +19,8 @@ fi
 
 # The default model file, which the engine's tests read (idempotent, checksum verified).
 bash scripts/fetch-model.sh
+# The official OpenAI Python client, pinned, in .venv (engine/tests/openai_client.rs uses it).
+bash scripts/setup-python.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -206,11 +206,15 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/debug/cache", get(debug_cache))
         .fallback(not_found)
+        // After the routes: it applies to those already added. Without it a wrong method gets
+        // axum's empty 405, which OpenAI clients cannot parse.
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -270,6 +274,14 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "this route does not accept this method",
+    )
 }
 
 async fn health(State(s): State<AppState>) -> Response {
@@ -360,17 +372,29 @@ async fn debug_cache(
     .into_response())
 }
 
+fn card(s: &AppState) -> ModelCard {
+    ModelCard {
+        id: s.model_id.clone(),
+        object: "model",
+        created: s.created,
+        owned_by: "hotprefix",
+        max_model_len: s.engine.limits().context,
+    }
+}
+
 async fn models(State(s): State<AppState>) -> axum::Json<ModelList> {
     axum::Json(ModelList {
         object: "list",
-        data: vec![ModelCard {
-            id: s.model_id.clone(),
-            object: "model",
-            created: s.created,
-            owned_by: "hotprefix",
-            max_model_len: s.engine.limits().context,
-        }],
+        data: vec![card(&s)],
     })
+}
+
+async fn model(
+    State(s): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<axum::Json<ModelCard>, ApiError> {
+    check_model(&s, &id)?;
+    Ok(axum::Json(card(&s)))
 }
 
 /// What both endpoints take from a request's sampling fields.
