@@ -90,6 +90,9 @@ impl EngineHandle {
         let thread = std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
+                // Marks the engine dead however the thread ends, a panic included, so
+                // `/health` fails and the pod is restarted instead of hanging requests.
+                let _alive = AliveGuard(Arc::clone(&a));
                 run_loop(&mut scheduler, &rx, &c);
                 // Whatever is left is told why it ends; then the handle reports not alive.
                 scheduler.abort_all("the engine stopped");
@@ -183,6 +186,14 @@ impl EngineHandle {
         if let Some(t) = t {
             let _ = t.join();
         }
+    }
+}
+
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
