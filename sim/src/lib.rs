@@ -4,10 +4,12 @@
 //!
 //! Entry points: [`cluster::simulate`] runs one policy on one trace; [`optimal::belady`] computes
 //! the offline hit-ratio bound; the `hotprefix-bench` binary (`src/main.rs`) wires them to the
-//! command line, and [`report`] writes tables, CSV and plots.
+//! command line, and [`report`] writes tables, CSV and plots. [`load`] replays a workload
+//! against a running engine over HTTP (`hotprefix-bench load`).
 
 pub mod cluster;
 pub mod cost;
+pub mod load;
 pub mod optimal;
 pub mod report;
 pub mod trace;

@@ -1,5 +1,5 @@
-//! `hotprefix-bench`: command line of the simulator (`sim`, `sweep`) and the workload generators
-//! (`gen`).
+//! `hotprefix-bench`: command line of the simulator (`sim`, `sweep`), the workload generators
+//! (`gen`) and the HTTP load generator (`load`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -9,6 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use hotprefix_cache::{HotnessConfig, PolicyKind};
 use hotprefix_sim::cluster::{RouterKind, SimConfig, SimResult, simulate};
 use hotprefix_sim::cost::{CostModel, GpuSpec, ModelSpec};
+use hotprefix_sim::load::{
+    Arrival, ClientOptions, LoadReport, LoadSetup, Popularity, RunOptions, SharedPrefixLoad,
+    Target, TraceLoad,
+};
 use hotprefix_sim::optimal::belady;
 use hotprefix_sim::report::{ResultRow, markdown_table, plot_bars, plot_lines, write_csv};
 use hotprefix_sim::trace::Trace;
@@ -34,6 +38,9 @@ enum Cmd {
     Sweep(SweepArgs),
     /// Write a generated workload as a Mooncake-format JSONL trace.
     Gen(GenArgs),
+    /// Replay a shared-prefix workload against a running engine over HTTP and report what
+    /// clients see; or, with --compare, print saved runs side by side.
+    Load(Box<LoadArgs>),
 }
 
 /// A cache policy or the offline bound.
@@ -188,6 +195,7 @@ fn main() {
         Cmd::Sim(a) => cmd_sim(a),
         Cmd::Sweep(a) => cmd_sweep(a),
         Cmd::Gen(a) => cmd_gen(a),
+        Cmd::Load(a) => cmd_load(*a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
@@ -689,5 +697,357 @@ fn cmd_gen(a: GenArgs) -> Result<()> {
         trace.requests.len(),
         a.out.display()
     );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+struct LoadArgs {
+    /// Server base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Model id to request (default: data[0].id of GET /v1/models).
+    #[arg(long)]
+    model: Option<String>,
+    /// Name of this run in tables and reports.
+    #[arg(long, default_value = "run")]
+    label: String,
+    /// Replay this Mooncake JSONL trace instead of a generated shared-prefix workload.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Generated: number of shared prefixes (groups).
+    #[arg(long, default_value_t = 8)]
+    groups: u32,
+    /// Generated: tokens in each shared prefix.
+    #[arg(long, default_value_t = 256)]
+    prefix_tokens: u32,
+    /// Generated: unique tokens after the prefix in each request.
+    #[arg(long, default_value_t = 32)]
+    suffix_tokens: u32,
+    /// Requests to send (generated: default 64; trace: default all, else the first N).
+    #[arg(long)]
+    requests: Option<u32>,
+    /// Generated: Zipf exponent of group popularity (0 = uniform); ignored with --hot-set.
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    /// Generated: FRAC:SHARE, the first FRAC of the groups get SHARE of the requests
+    /// (e.g. 0.25:0.9), instead of Zipf popularity.
+    #[arg(long, value_parser = parse_hot_set)]
+    hot_set: Option<(f64, f64)>,
+    /// Generated: tokens each request generates.
+    #[arg(long, default_value_t = 16)]
+    output_tokens: u32,
+    /// Trace: prompt tokens each 512-token hash block becomes.
+    #[arg(long, default_value_t = 16)]
+    tokens_per_hash_block: u32,
+    /// Trace: longest prompt sent, in tokens (after scaling).
+    #[arg(long, default_value_t = 2048)]
+    max_input_tokens: u32,
+    /// Trace: most tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    max_output_tokens: u32,
+    /// Open loop: Poisson arrivals at this many requests per second.
+    #[arg(long, conflicts_with = "concurrency")]
+    rate: Option<f64>,
+    /// Closed loop: keep this many requests in flight.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Trace without --rate or --concurrency: replay its timestamps this many times faster.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Send no request after this many seconds (in-flight ones still finish).
+    #[arg(long)]
+    duration_limit: Option<f64>,
+    /// Seed of token ids, group choices and arrival times.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Let generation stop at end-of-sequence (by default `ignore_eos` is sent, so every
+    /// output has exactly its max_tokens).
+    #[arg(long)]
+    allow_eos: bool,
+    /// Seconds one request may take before it counts as failed.
+    #[arg(long, default_value_t = 300.0)]
+    request_timeout: f64,
+    /// Send this many warm-up requests (one at a time, as long as the first workload request,
+    /// sharing no prefix with the workload) before the measured run.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// Wait up to this many seconds for GET /ready to answer 200 before starting.
+    #[arg(long, default_value_t = 0.0)]
+    wait_ready: f64,
+    /// Read the engine's /metrics before and after the run and report its prefix-cache hit
+    /// tokens per tier.
+    #[arg(long)]
+    server_metrics: bool,
+    /// Write the summary and every request as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write every request as CSV here.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Run nothing: read these result JSON files (comma-separated or repeated) and print them
+    /// side by side.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    compare: Vec<PathBuf>,
+    /// With --compare: the label the ratio rows divide by (default: the first file's).
+    #[arg(long)]
+    baseline: Option<String>,
+}
+
+fn parse_hot_set(s: &str) -> Result<(f64, f64), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected FRAC:SHARE such as 0.25:0.9, got {s:?}"))?;
+    let num = |x: &str| {
+        x.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("expected FRAC:SHARE such as 0.25:0.9, got {s:?}"))
+    };
+    Ok((num(a)?, num(b)?))
+}
+
+fn positive_secs(flag: &str, v: f64) -> Result<std::time::Duration> {
+    if !(v.is_finite() && v > 0.0) {
+        bail!("{flag} must be a positive number of seconds, got {v}");
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
+}
+
+fn cmd_load(a: LoadArgs) -> Result<()> {
+    if !a.compare.is_empty() {
+        return cmd_load_compare(&a);
+    }
+    let target = Target::parse(&a.url)?;
+    let timeout = positive_secs("--request-timeout", a.request_timeout)?;
+    let duration_limit = a
+        .duration_limit
+        .map(|d| positive_secs("--duration-limit", d))
+        .transpose()?;
+    // The workload and its default arrival process.
+    let (mut requests, workload, default_arrival) = match &a.trace {
+        Some(path) => {
+            let trace = Trace::load(path)
+                .with_context(|| format!("cannot use trace {}", path.display()))?;
+            let mapping = TraceLoad {
+                tokens_per_block: a.tokens_per_hash_block,
+                max_input_tokens: a.max_input_tokens,
+                max_output_tokens: a.max_output_tokens,
+                max_requests: a.requests,
+                seed: a.seed,
+            };
+            let reqs = mapping.requests(&trace)?;
+            let desc = mapping.describe(&trace, reqs.len());
+            (
+                reqs,
+                desc,
+                Some(Arrival::Trace {
+                    time_scale: a.time_scale,
+                }),
+            )
+        }
+        None => {
+            let generator = SharedPrefixLoad {
+                groups: a.groups,
+                prefix_tokens: a.prefix_tokens,
+                suffix_tokens: a.suffix_tokens,
+                requests: a.requests.unwrap_or(64),
+                popularity: match a.hot_set {
+                    Some((groups_fraction, traffic_fraction)) => Popularity::HotSet {
+                        groups_fraction,
+                        traffic_fraction,
+                    },
+                    None => Popularity::Zipf(a.zipf),
+                },
+                output_tokens: a.output_tokens,
+                seed: a.seed,
+            };
+            (generator.generate()?, generator.describe(), None)
+        }
+    };
+    let arrival = match (a.rate, a.concurrency, default_arrival) {
+        (Some(rate), _, _) => Arrival::Poisson { rate },
+        (None, Some(concurrency), _) => Arrival::Closed { concurrency },
+        (None, None, Some(d)) => d,
+        (None, None, None) => bail!("give --rate (open loop) or --concurrency (closed loop)"),
+    };
+    hotprefix_sim::load::schedule(&mut requests, arrival, a.seed)?;
+    // One thread is enough to drive a few hundred streams, and it leaves the cores to an
+    // engine running on the same machine.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = rt.block_on(async {
+        if a.wait_ready > 0.0 {
+            hotprefix_sim::load::wait_ready(&target, positive_secs("--wait-ready", a.wait_ready)?)
+                .await?;
+        }
+        let model = match &a.model {
+            Some(m) => m.clone(),
+            None => hotprefix_sim::load::served_model(&target, timeout)
+                .await
+                .context("asking the server for its model id (or pass --model)")?,
+        };
+        if a.warmup > 0 {
+            let (len, max_tokens) = requests
+                .first()
+                .map_or((1, 1), |r| (r.prompt.len(), r.max_tokens));
+            let started = std::time::Instant::now();
+            let warm = hotprefix_sim::load::warmup_requests(a.warmup, len, max_tokens, a.seed);
+            let warm_opts = ClientOptions {
+                model: model.clone(),
+                temperature: a.temperature,
+                ignore_eos: true,
+                timeout,
+            };
+            for (i, r) in warm.iter().enumerate() {
+                let rec =
+                    hotprefix_sim::load::send_request(&target, &warm_opts, i, r, started).await;
+                // A failed warm-up is reported but not fatal: the measured run records its own
+                // failures, which is where they belong.
+                if let Some(e) = rec.error {
+                    eprintln!("warning: warm-up request {i} failed: {e}");
+                }
+            }
+            eprintln!(
+                "warm-up: {} request(s) in {:.1} s",
+                a.warmup,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let before = if a.server_metrics {
+            scrape(&target).await
+        } else {
+            None
+        };
+        let opts = ClientOptions {
+            model: model.clone(),
+            temperature: a.temperature,
+            ignore_eos: !a.allow_eos,
+            timeout,
+        };
+        eprintln!(
+            "load {}: {} requests, {}, {} on {}",
+            a.label,
+            requests.len(),
+            arrival.describe(),
+            model,
+            a.url
+        );
+        let records = hotprefix_sim::load::run(
+            &target,
+            &opts,
+            requests,
+            &RunOptions {
+                arrival,
+                duration_limit,
+            },
+        )
+        .await;
+        let mut summary = hotprefix_sim::load::summarize(&a.label, &records);
+        if let Some((d0, h0)) = before
+            && let Some((d1, h1)) = scrape(&target).await
+        {
+            summary.server_device_hit_tokens = Some(d1 - d0);
+            summary.server_host_hit_tokens = Some(h1 - h0);
+        }
+        anyhow::Ok(LoadReport {
+            setup: LoadSetup {
+                url: a.url.clone(),
+                model,
+                workload: workload.clone(),
+                arrival: arrival.describe(),
+                seed: a.seed,
+            },
+            summary,
+            records,
+        })
+    })?;
+    println!("{}; {}\n", report.setup.workload, report.setup.arrival);
+    print!(
+        "{}",
+        hotprefix_sim::load::markdown_table(std::slice::from_ref(&report.summary))
+    );
+    if let (Some(d), Some(h)) = (
+        report.summary.server_device_hit_tokens,
+        report.summary.server_host_hit_tokens,
+    ) {
+        println!("\nserver prefix-cache hits: {d} tokens from device, {h} from host");
+    }
+    let failures: Vec<&str> = report
+        .records
+        .iter()
+        .filter_map(|r| r.error.as_deref())
+        .take(3)
+        .collect();
+    if !failures.is_empty() {
+        eprintln!(
+            "{} request(s) failed; first errors: {}",
+            report.summary.failed,
+            failures.join(" | ")
+        );
+    }
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.csv {
+        let f = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let mut w = std::io::BufWriter::new(f);
+        hotprefix_sim::load::write_records_csv(&mut w, &report.records)
+            .and_then(|()| std::io::Write::flush(&mut w))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The engine's hit tokens per tier, or `None` (with a warning) when /metrics cannot be read:
+/// the per-tier split is a bonus, and its absence must not fail a run.
+async fn scrape(target: &Target) -> Option<(f64, f64)> {
+    match hotprefix_sim::load::server_hit_tokens(target, std::time::Duration::from_secs(10)).await {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("warning: cannot read /metrics: {e}");
+            None
+        }
+    }
+}
+
+fn cmd_load_compare(a: &LoadArgs) -> Result<()> {
+    let mut summaries = Vec::with_capacity(a.compare.len());
+    for path in &a.compare {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let report: LoadReport = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a load result JSON file", path.display()))?;
+        if summaries.is_empty() {
+            println!("{}; {}\n", report.setup.workload, report.setup.arrival);
+        }
+        summaries.push(report.summary);
+    }
+    let baseline = match &a.baseline {
+        Some(b) => b.clone(),
+        None => summaries
+            .first()
+            .map(|s| s.label.clone())
+            .unwrap_or_default(),
+    };
+    print!(
+        "{}",
+        hotprefix_sim::load::comparison_table(&summaries, &baseline)?
+    );
+    for s in &summaries {
+        if let (Some(d), Some(h)) = (s.server_device_hit_tokens, s.server_host_hit_tokens) {
+            println!(
+                "\n{}: server prefix-cache hits {d} tokens from device, {h} from host",
+                s.label
+            );
+        }
+    }
     Ok(())
 }
