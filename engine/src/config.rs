@@ -191,3 +191,59 @@ impl EngineArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<EngineConfig, String> {
+        let mut all = vec!["hotprefix-engine", "--model", "random:tiny"];
+        all.extend_from_slice(args);
+        EngineArgs::try_parse_from(all)
+            .map_err(|e| e.to_string())?
+            .validate()
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(
+            (c.block_size, c.device_blocks, c.host_blocks),
+            (16, 1024, 4096)
+        );
+        assert_eq!(c.policy, PolicyKind::HotPrefix);
+        assert_eq!(
+            (c.max_running, c.max_batch_tokens, c.max_waiting),
+            (16, 512, 256)
+        );
+        assert!(!c.json_logs);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_named() {
+        for (args, needle) in [
+            (&["--block-size", "0"][..], "--block-size"),
+            (
+                &["--device-cache-tokens", "16"][..],
+                "--device-cache-tokens",
+            ),
+            (&["--max-running", "600"][..], "--max-running"),
+            (&["--threads", "0"][..], "--threads"),
+            (&["--log-format", "xml"][..], "--log-format"),
+            (&["--policy", "fifo"][..], "fifo"),
+            (&["--backend", "tpu"][..], "tpu"),
+            (&["--listen", "nowhere"][..], "--listen"),
+            (&["--admission-floor=-1"][..], "admission"),
+        ] {
+            let e = parse(args).expect_err(needle);
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+        let e = EngineArgs::try_parse_from(["hotprefix-engine", "--model", "random:gpt-9"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("--model"), "{e}");
+    }
+}

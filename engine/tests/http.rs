@@ -1208,24 +1208,7 @@ async fn a_full_queue_gets_429_with_retry_after() {
     let addr = srv.addr;
     // The first request holds the only running slot: its first event means it is running, and
     // its 2000 tokens take seconds.
-    let long = json!({
-        "model": TINY, "prompt": "hold the slot", "max_tokens": 2000, "ignore_eos": true,
-        "temperature": 0, "stream": true,
-    });
-    let mut first = bounded(
-        "the first stream",
-        Conn::open(
-            addr,
-            "POST",
-            "/v1/completions",
-            Some(long.to_string().as_bytes()),
-        ),
-    )
-    .await;
-    assert_eq!(first.status, 200);
-    bounded("its first event", first.next_event())
-        .await
-        .unwrap();
+    let first = running_stream(addr, "hold the slot").await;
 
     // The second waits for the slot (its answer is pending until it runs).
     let short = json!({"model": TINY, "prompt": "wait for it", "max_tokens": 3});
@@ -1299,18 +1282,15 @@ async fn a_client_leaving_mid_stream_cancels_its_request() {
     srv.finish().await;
 }
 
-/// A client that disconnects while its request is queued (no response sent yet) cancels it
-/// there, without waiting for it to run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_leaving_while_queued_cancels_its_request() {
-    let srv = TestServer::tiny(&["--max-running", "1"]).await;
-    let addr = srv.addr;
+/// Opens a 2000-token stream of `prompt` on the tiny model and waits for its first event, so
+/// the request is known to be running (its tokens take seconds).
+async fn running_stream(addr: SocketAddr, prompt: &str) -> Conn {
     let long = json!({
-        "model": TINY, "prompt": "hold the slot", "max_tokens": 2000, "ignore_eos": true,
-        "stream": true,
+        "model": TINY, "prompt": prompt, "max_tokens": 2000, "ignore_eos": true,
+        "temperature": 0, "stream": true,
     });
-    let mut first = bounded(
-        "the first stream",
+    let mut c = bounded(
+        "a long stream",
         Conn::open(
             addr,
             "POST",
@@ -1319,10 +1299,21 @@ async fn a_client_leaving_while_queued_cancels_its_request() {
         ),
     )
     .await;
-    assert_eq!(first.status, 200);
-    bounded("its first event", first.next_event())
-        .await
-        .unwrap();
+    assert_eq!(c.status, 200);
+    bounded("its first event", c.next_event()).await.unwrap();
+    c
+}
+
+/// A client that disconnects while its request is queued (no response sent yet) cancels it
+/// there, without waiting for it to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_while_queued_cancels_its_request() {
+    let srv = TestServer::tiny(&["--max-running", "1"]).await;
+    let addr = srv.addr;
+    let first = running_stream(addr, "hold the slot").await;
+    let long = json!({
+        "model": TINY, "prompt": "hold the slot", "max_tokens": 2000, "ignore_eos": true,
+    });
 
     let before = metric(&metrics(addr).await, "hotprefix_request_cancelled_total");
     for stream in [false, true] {
@@ -1404,22 +1395,7 @@ async fn shutdown_drains_then_aborts_and_run_returns() {
     let side_task = tokio::spawn(axum::serve(side, server::app(srv.state.clone())).into_future());
     assert_eq!(get(side_addr, "/ready").await.status, 200);
 
-    let long = json!({
-        "model": TINY, "prompt": "keep going", "max_tokens": 2000, "ignore_eos": true,
-        "stream": true,
-    });
-    let mut c = bounded(
-        "the long stream",
-        Conn::open(
-            addr,
-            "POST",
-            "/v1/completions",
-            Some(long.to_string().as_bytes()),
-        ),
-    )
-    .await;
-    assert_eq!(c.status, 200);
-    bounded("its first event", c.next_event()).await.unwrap();
+    let mut c = running_stream(addr, "keep going").await;
 
     let t0 = Instant::now();
     srv.trigger();
