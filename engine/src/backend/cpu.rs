@@ -206,12 +206,35 @@ fn shape(what: &str, ok: bool) -> Result<(), BackendError> {
     }
 }
 
-fn par_for(flops: usize) -> Par {
-    if flops >= PARALLEL_MIN_FLOPS && rayon::current_num_threads() > 1 {
-        Par::rayon(0)
-    } else {
-        Par::Seq
+/// `out = a * b` on the calling thread, or split by output columns over rayon's threads when
+/// it is big enough to pay for it. Every piece runs `faer` single-threaded: `faer`'s own
+/// parallel mode keeps worker threads spinning between calls, which on a small machine starved
+/// the rayon tasks that attention runs right after (measured: a 10 us attention tile waited
+/// 100 us and more). Splitting by columns leaves every output element's sum in the same order,
+/// so the numbers do not depend on the split.
+fn product(a: MatRef<'_, f32>, b: MatRef<'_, f32>, out: MatMut<'_, f32>, parallel: bool) {
+    let (m, k, n) = (a.nrows(), a.ncols(), b.ncols());
+    let pieces = rayon::current_num_threads();
+    if !parallel || pieces < 2 || n < 32 || m * k * n < PARALLEL_MIN_FLOPS {
+        faer::linalg::matmul::matmul(out, Accum::Replace, a, b, 1.0, Par::Seq);
+        return;
     }
+    split_columns(a, b, out, n.div_ceil(pieces).next_multiple_of(16));
+}
+
+fn split_columns(a: MatRef<'_, f32>, b: MatRef<'_, f32>, out: MatMut<'_, f32>, width: usize) {
+    let n = b.ncols();
+    if n <= width {
+        faer::linalg::matmul::matmul(out, Accum::Replace, a, b, 1.0, Par::Seq);
+        return;
+    }
+    let mid = (n / 2).next_multiple_of(16).min(n - 1).max(1);
+    let (ol, or) = out.split_at_col_mut(mid);
+    let (bl, br) = b.split_at_col(mid);
+    rayon::join(
+        || split_columns(a, bl, ol, width),
+        || split_columns(a, br, or, width),
+    );
 }
 
 /// `out[m, n] = a[m, k] * b[k, n]`, row-major `a` and `out`, `b` any view. `faer` takes a
@@ -219,20 +242,20 @@ fn par_for(flops: usize) -> Par {
 /// or more; a single row is therefore computed as two, so a row's result never depends on how
 /// many rows share the call (a sequence batched with others gets exactly the numbers it gets
 /// alone, and a cache hit exactly those of a cold run).
-fn matmul_rows(a: &[f32], m: usize, k: usize, b: MatRef<'_, f32>, out: &mut [f32], par: Par) {
+fn matmul_rows(a: &[f32], m: usize, k: usize, b: MatRef<'_, f32>, out: &mut [f32], parallel: bool) {
     let n = b.ncols();
     if m == 1 {
         let mut a2 = Vec::with_capacity(2 * k);
         a2.extend_from_slice(a);
         a2.extend_from_slice(a);
         let mut o2 = vec![0f32; 2 * n];
-        matmul_rows(&a2, 2, k, b, &mut o2, par);
+        matmul_rows(&a2, 2, k, b, &mut o2, parallel);
         out.copy_from_slice(&o2[..n]);
         return;
     }
     let am = MatRef::from_row_major_slice(a, m, k);
     let om = MatMut::from_row_major_slice_mut(out, m, n);
-    faer::linalg::matmul::matmul(om, Accum::Replace, am, b, 1.0, par);
+    product(am, b, om, parallel);
 }
 
 /// `e^x` to within a few f32 ulps, written so the compiler vectorises it. Calling libm's
@@ -245,7 +268,9 @@ fn exp_fast(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
+    // Plain comparisons (not `clamp`) and no float-to-int cast keep the loop vectorisable.
+    let x = if x < -87.0 { -87.0 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
     let k = (x * LOG2E + ROUND) - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;
     // e^r on [-ln2/2, ln2/2]: Taylor to the 7th power, error below 2e-8 relative.
@@ -254,19 +279,49 @@ fn exp_fast(x: f32) -> f32 {
             + r * (0.5
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    // 2^k: adding 2^23 puts the integer k + 127 in the low mantissa bits; shifting them into
+    // the exponent field builds the power of two.
+    let scale = f32::from_bits((k + (127.0 + 8_388_608.0)).to_bits() << 23);
     p * scale
 }
 
-/// Row-wise softmax in place.
-fn softmax(v: &mut [f32]) {
-    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for x in v.iter_mut() {
-        *x = exp_fast(*x - m);
-        sum += *x;
+/// Largest value, in eight independent lanes so the loop vectorises (`f32::max` keeps NaN
+/// semantics the vector instruction lacks, which would keep the loop scalar).
+fn max8(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
     }
-    let inv = 1.0 / sum;
+    tail.iter()
+        .chain(acc.iter())
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// Sum in eight independent lanes, for the same reason.
+fn sum8(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Softmax of `scale * v`, in place. Each pass is a separate loop with no carried dependency
+/// so that all three vectorise; a combined exp-and-sum loop stays scalar.
+fn softmax_scaled(v: &mut [f32], scale: f32) {
+    let m = max8(v);
+    for x in v.iter_mut() {
+        *x = exp_fast((*x - m) * scale);
+    }
+    let inv = 1.0 / sum8(v);
     for x in v.iter_mut() {
         *x *= inv;
     }
@@ -377,8 +432,7 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         let wm = MatRef::from_row_major_slice(w.data(), w.rows(), w.cols());
-        let par = par_for(x.rows * w.rows() * w.cols());
-        matmul_rows(&x.data, x.rows, x.cols, wm.transpose(), &mut out.data, par);
+        matmul_rows(&x.data, x.rows, x.cols, wm.transpose(), &mut out.data, true);
         Ok(())
     }
 
@@ -513,17 +567,23 @@ impl Backend for CpuBackend {
             .par_iter()
             .map(|s| {
                 let ctx = s.start + s.rows.len();
-                let (mut kg, mut vg) = (Vec::with_capacity(ctx * d), Vec::with_capacity(ctx * d));
-                for (bi, &slot) in s.table.iter().enumerate().take(ctx.div_ceil(bs)) {
-                    let n = bs.min(ctx - bi * bs);
-                    let b = pools
-                        .device
-                        .block(slot)?
-                        .read()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    kg.extend_from_slice(&b[ko..ko + n * d]);
-                    vg.extend_from_slice(&b[vo..vo + n * d]);
-                }
+                let (mut kg, mut vg) = (vec![0f32; ctx * d], vec![0f32; ctx * d]);
+                // Blocks are copied in parallel: for a long context this copy is a
+                // noticeable share of a short step.
+                kg.par_chunks_mut(bs * d)
+                    .zip(vg.par_chunks_mut(bs * d))
+                    .zip(s.table.par_iter())
+                    .try_for_each(|((kc, vc), &slot)| {
+                        let n = kc.len();
+                        let b = pools
+                            .device
+                            .block(slot)?
+                            .read()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        kc.copy_from_slice(&b[ko..ko + n]);
+                        vc.copy_from_slice(&b[vo..vo + n]);
+                        Ok::<_, BackendError>(())
+                    })?;
                 Ok((kg, vg))
             })
             .collect::<Result<_, BackendError>>()?;
@@ -567,18 +627,16 @@ impl Backend for CpuBackend {
                 let vv = MatRef::from_row_major_slice_with_stride(vh, ctx, hd, d);
                 let mut scores = vec![0f32; m * ctx];
                 // Tiles run in parallel already, so each product stays on its thread.
-                matmul_rows(&qg, m, hd, kv.transpose(), &mut scores, Par::Seq);
+                matmul_rows(&qg, m, hd, kv.transpose(), &mut scores, false);
                 for (r, row) in scores.chunks_exact_mut(ctx).enumerate() {
                     let pos = s.start + task.tokens.start + r / group;
                     // Causal: a token sees its own position and everything before it.
                     let (seen, future) = row.split_at_mut(pos + 1);
-                    seen.iter_mut().for_each(|x| *x *= scale);
-                    future.fill(f32::NEG_INFINITY);
-                    softmax(seen);
+                    softmax_scaled(seen, scale);
                     future.fill(0.0);
                 }
                 let mut o = vec![0f32; m * hd];
-                matmul_rows(&scores, m, ctx, vv, &mut o, Par::Seq);
+                matmul_rows(&scores, m, ctx, vv, &mut o, false);
                 o
             })
             .collect();
