@@ -114,6 +114,9 @@ pub struct CpuBackend {
     worker: Option<JoinHandle<()>>,
     in_flight: usize,
     finished: Vec<TransferId>,
+    /// Gather buffers (keys, values) per sequence, reused across layers and steps: fresh
+    /// megabyte-sized allocations cost a page fault per page on every layer.
+    gather: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Default for CpuBackend {
@@ -171,6 +174,7 @@ impl CpuBackend {
             worker,
             in_flight: 0,
             finished: Vec::new(),
+            gather: Vec::new(),
         }
     }
 
@@ -325,6 +329,11 @@ fn softmax_scaled(v: &mut [f32], scale: f32) {
     for x in v.iter_mut() {
         *x *= inv;
     }
+}
+
+thread_local! {
+    /// Each compute thread's attention score buffer, reused across tiles, layers and steps.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One unit of attention work: a tile of one sequence's query tokens, one KV head.
@@ -562,12 +571,16 @@ impl Backend for CpuBackend {
             self.kv_offset(layer, false, 0),
             self.kv_offset(layer, true, 0),
         );
-        let gathered: Vec<(Vec<f32>, Vec<f32>)> = batch
-            .seqs
-            .par_iter()
-            .map(|s| {
+        let mut gathered = std::mem::take(&mut self.gather);
+        gathered.resize_with(batch.seqs.len().max(gathered.len()), Default::default);
+        gathered
+            .par_iter_mut()
+            .zip(batch.seqs.par_iter())
+            .try_for_each(|((kg, vg), s)| {
                 let ctx = s.start + s.rows.len();
-                let (mut kg, mut vg) = (vec![0f32; ctx * d], vec![0f32; ctx * d]);
+                // Every element below `ctx * d` is overwritten by the copy.
+                kg.resize(ctx * d, 0.0);
+                vg.resize(ctx * d, 0.0);
                 // Blocks are copied in parallel: for a long context this copy is a
                 // noticeable share of a short step.
                 kg.par_chunks_mut(bs * d)
@@ -583,10 +596,8 @@ impl Backend for CpuBackend {
                         kc.copy_from_slice(&b[ko..ko + n]);
                         vc.copy_from_slice(&b[vo..vo + n]);
                         Ok::<_, BackendError>(())
-                    })?;
-                Ok((kg, vg))
-            })
-            .collect::<Result<_, BackendError>>()?;
+                    })
+            })?;
         // Tiles of query tokens per KV head: small enough that a short step still yields a
         // task per core, large enough that each cached key is reused across many queries.
         let threads = rayon::current_num_threads().max(1);
@@ -625,7 +636,9 @@ impl Backend for CpuBackend {
                 let vh = &vg[task.kv_head * hd..];
                 let kv = MatRef::from_row_major_slice_with_stride(kh, ctx, hd, d);
                 let vv = MatRef::from_row_major_slice_with_stride(vh, ctx, hd, d);
-                let mut scores = vec![0f32; m * ctx];
+                let mut scores = SCORES.with_borrow_mut(std::mem::take);
+                scores.clear();
+                scores.resize(m * ctx, 0.0);
                 // Tiles run in parallel already, so each product stays on its thread.
                 matmul_rows(&qg, m, hd, kv.transpose(), &mut scores, false);
                 for (r, row) in scores.chunks_exact_mut(ctx).enumerate() {
@@ -637,6 +650,7 @@ impl Backend for CpuBackend {
                 }
                 let mut o = vec![0f32; m * hd];
                 matmul_rows(&scores, m, ctx, vv, &mut o, false);
+                SCORES.with_borrow_mut(|b| *b = scores);
                 o
             })
             .collect();
@@ -649,6 +663,7 @@ impl Backend for CpuBackend {
                     .copy_from_slice(&o[i * group * hd..(i + 1) * group * hd]);
             }
         }
+        self.gather = gathered;
         Ok(())
     }
 
