@@ -8,58 +8,7 @@ mod common;
 
 use hotprefix_engine::gguf::{GgmlType, GgufError, GgufFile, Value};
 
-/// Builds GGUF v3 files for tests.
-#[derive(Default)]
-struct Writer {
-    kv: Vec<u8>,
-    n_kv: u64,
-    dir: Vec<u8>,
-    data: Vec<u8>,
-    n_tensors: u64,
-}
-
-impl Writer {
-    fn string(buf: &mut Vec<u8>, s: &str) {
-        buf.extend((s.len() as u64).to_le_bytes());
-        buf.extend(s.as_bytes());
-    }
-    fn kv(&mut self, key: &str, ty: u32, value: &[u8]) -> &mut Self {
-        Self::string(&mut self.kv, key);
-        self.kv.extend(ty.to_le_bytes());
-        self.kv.extend(value);
-        self.n_kv += 1;
-        self
-    }
-    fn tensor(&mut self, name: &str, dims: &[u64], ty: u32, data: &[u8]) -> &mut Self {
-        Self::string(&mut self.dir, name);
-        self.dir.extend((dims.len() as u32).to_le_bytes());
-        for d in dims {
-            self.dir.extend(d.to_le_bytes());
-        }
-        self.dir.extend(ty.to_le_bytes());
-        while !self.data.len().is_multiple_of(32) {
-            self.data.push(0);
-        }
-        self.dir.extend((self.data.len() as u64).to_le_bytes());
-        self.data.extend(data);
-        self.n_tensors += 1;
-        self
-    }
-    fn bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend(b"GGUF");
-        out.extend(3u32.to_le_bytes());
-        out.extend(self.n_tensors.to_le_bytes());
-        out.extend(self.n_kv.to_le_bytes());
-        out.extend(&self.kv);
-        out.extend(&self.dir);
-        while !out.len().is_multiple_of(32) {
-            out.push(0);
-        }
-        out.extend(&self.data);
-        out
-    }
-}
+use common::GgufWriter as Writer;
 
 fn f16(v: f32) -> [u8; 2] {
     // Exact for the small values used here.

@@ -363,69 +363,7 @@ fn hf_dir(
     dir
 }
 
-/// Builds GGUF v3 files in memory.
-#[derive(Default)]
-struct GgufWriter {
-    kv: Vec<u8>,
-    n_kv: u64,
-    dir: Vec<u8>,
-    data: Vec<u8>,
-    n_tensors: u64,
-}
-
-impl GgufWriter {
-    fn string(buf: &mut Vec<u8>, s: &str) {
-        buf.extend((s.len() as u64).to_le_bytes());
-        buf.extend(s.as_bytes());
-    }
-    fn kv_str(&mut self, key: &str, value: &str) {
-        Self::string(&mut self.kv, key);
-        self.kv.extend(8u32.to_le_bytes());
-        Self::string(&mut self.kv, value);
-        self.n_kv += 1;
-    }
-    fn kv_u32(&mut self, key: &str, value: usize) {
-        Self::string(&mut self.kv, key);
-        self.kv.extend(4u32.to_le_bytes());
-        self.kv.extend((value as u32).to_le_bytes());
-        self.n_kv += 1;
-    }
-    fn kv_f32(&mut self, key: &str, value: f32) {
-        Self::string(&mut self.kv, key);
-        self.kv.extend(6u32.to_le_bytes());
-        self.kv.extend(value.to_le_bytes());
-        self.n_kv += 1;
-    }
-    /// An F32 tensor of `shape` (slowest first; GGUF lists dimensions fastest first).
-    fn tensor(&mut self, name: &str, shape: &[usize], values: &[f32]) {
-        Self::string(&mut self.dir, name);
-        self.dir.extend((shape.len() as u32).to_le_bytes());
-        for d in shape.iter().rev() {
-            self.dir.extend((*d as u64).to_le_bytes());
-        }
-        self.dir.extend(0u32.to_le_bytes());
-        while !self.data.len().is_multiple_of(32) {
-            self.data.push(0);
-        }
-        self.dir.extend((self.data.len() as u64).to_le_bytes());
-        self.data
-            .extend(values.iter().flat_map(|v| v.to_le_bytes()));
-        self.n_tensors += 1;
-    }
-    fn bytes(&self) -> Vec<u8> {
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend(self.n_tensors.to_le_bytes());
-        out.extend(self.n_kv.to_le_bytes());
-        out.extend(&self.kv);
-        out.extend(&self.dir);
-        while !out.len().is_multiple_of(32) {
-            out.push(0);
-        }
-        out.extend(&self.data);
-        out
-    }
-}
+use common::GgufWriter;
 
 /// Rows of a Q or K projection (or bias) reordered per head as llama.cpp's converter does for
 /// llama files: new row `2i` is old row `i`, new row `2i + 1` is old row `i + head_dim / 2`.
@@ -480,7 +418,7 @@ fn gguf_model(tensors: &[Tensor], arch: &str, interleave: bool) -> LlamaModel {
         } else {
             t.values.clone()
         };
-        w.tensor(&name, &t.shape, &values);
+        w.tensor_f32(&name, &t.shape, &values);
     }
     LlamaModel::from_gguf(&GgufFile::parse(w.bytes()).unwrap()).unwrap()
 }
