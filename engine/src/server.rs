@@ -407,7 +407,13 @@ struct Settings {
     include_usage: bool,
 }
 
-fn settings(s: &AppState, p: Sampling, chat: bool) -> Result<Settings, ApiError> {
+/// Sampling settings of a request whose prompt has `prompt_len` tokens.
+fn settings(
+    s: &AppState,
+    p: Sampling,
+    chat: bool,
+    prompt_len: usize,
+) -> Result<Settings, ApiError> {
     if let Some(n) = p.n
         && n != 1
     {
@@ -433,7 +439,9 @@ fn settings(s: &AppState, p: Sampling, chat: bool) -> Result<Settings, ApiError>
     };
     let context = s.engine.limits().context;
     let max_tokens = match max {
-        None => DEFAULT_MAX_TOKENS.min(context.saturating_sub(1).max(1)),
+        // Unset: up to the default, but never past the context, so a long prompt without
+        // max_tokens is answered rather than refused.
+        None => DEFAULT_MAX_TOKENS.min(context.saturating_sub(prompt_len).max(1)),
         Some(0) => return Err(ApiError::bad(format!("{field} must be at least 1")).param(field)),
         Some(m) if m > context as u64 => {
             return Err(ApiError::bad(format!(
@@ -785,7 +793,7 @@ async fn completions(
             );
         }
     };
-    let set = settings(&s, req.sampling, false)?;
+    let set = settings(&s, req.sampling, false, prompt.len())?;
     let id = s.request_id("cmpl");
     let (g, first) = start(&s, &id, prompt, &set).await?;
     let (model, created) = (s.model_id.clone(), unix_now());
@@ -886,7 +894,7 @@ async fn chat_completions(
         tracing::warn!(error = %e, "tokenization failed");
         ApiError::bad("the conversation could not be tokenized").param("messages")
     })?;
-    let set = settings(&s, req.sampling, true)?;
+    let set = settings(&s, req.sampling, true, prompt.len())?;
     let id = s.request_id("chatcmpl");
     let (g, first) = start(&s, &id, prompt, &set).await?;
     let (model, created) = (s.model_id.clone(), unix_now());

@@ -926,6 +926,18 @@ async fn probes_models_and_metrics() {
     assert_eq!(m["data"][0]["object"], "model");
     assert_eq!(m["data"][0]["max_model_len"], 2048);
 
+    // Without max_tokens, a prompt near the context is answered within it, not refused.
+    let ids: Vec<u32> = (0..2040).map(|i| i % 250 + 1).collect();
+    let near = json!({"model": TINY, "prompt": ids, "ignore_eos": true});
+    let r = post(addr, "/v1/completions", &near).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let usage = &r.json()["usage"];
+    assert_eq!(usage["prompt_tokens"], 2040);
+    assert_eq!(
+        usage["completion_tokens"], 8,
+        "the 8 tokens left in the context"
+    );
+
     // Requests, so that the counters and the histogram have samples.
     // Two full blocks of 16 byte tokens, so that the repeat hits the cache.
     let body = json!({"model": TINY, "prompt": "metrics please! ".repeat(2), "max_tokens": 3});
