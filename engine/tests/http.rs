@@ -15,8 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use hotprefix_engine::config::{EngineArgs, EngineConfig};
+use hotprefix_engine::config::EngineConfig;
 use hotprefix_engine::launch::launch;
 use hotprefix_engine::server;
 use hotprefix_engine::tokenizer::Tokenizer;
@@ -515,25 +514,7 @@ async fn wait_cache(addr: SocketAddr, what: &str, ok: impl Fn(&Value) -> bool) -
 // ---------------------------------------------------------------------------------------------
 // Servers.
 
-/// A configuration as the command line gives it, with small caches.
-fn config(model: &str, extra: &[&str]) -> EngineConfig {
-    let mut args = vec![
-        "hotprefix-engine",
-        "--model",
-        model,
-        "--backend",
-        "cpu",
-        "--device-cache-tokens",
-        "2048",
-        "--host-cache-tokens",
-        "4096",
-    ];
-    args.extend_from_slice(extra);
-    EngineArgs::try_parse_from(args)
-        .unwrap()
-        .validate()
-        .unwrap()
-}
+use common::small_config as config;
 
 /// A server of this test's own, on this test's runtime.
 struct TestServer {

@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use hotprefix_engine::config::EngineArgs;
 use hotprefix_engine::launch::launch;
 use hotprefix_engine::server;
 use tokio::net::TcpListener;
@@ -84,20 +82,7 @@ fn the_official_openai_python_client_works() {
         "scripts/setup-python.sh failed ({status:?}):\n{out}"
     );
 
-    let cfg = EngineArgs::try_parse_from([
-        "hotprefix-engine",
-        "--model",
-        common::model_path().to_str().unwrap(),
-        "--backend",
-        "cpu",
-        "--device-cache-tokens",
-        "2048",
-        "--host-cache-tokens",
-        "4096",
-    ])
-    .unwrap()
-    .validate()
-    .unwrap();
+    let cfg = common::small_config(common::model_path().to_str().unwrap(), &[]);
     let state = launch(&cfg).unwrap();
     let engine = state.engine.clone();
     let model = state.model_id.clone();

@@ -6,7 +6,9 @@
 
 use std::path::PathBuf;
 
+use clap::Parser;
 use hotprefix_engine::chat::{ChatMessage, ChatTemplate};
+use hotprefix_engine::config::{EngineArgs, EngineConfig};
 use hotprefix_engine::gguf::GgufFile;
 use hotprefix_engine::tokenizer::Tokenizer;
 
@@ -146,4 +148,25 @@ impl GgufWriter {
         out.extend(&self.data);
         out
     }
+}
+
+/// An engine configuration as the command line gives it, on the CPU with small caches (2,048
+/// device and 4,096 host tokens), plus `extra` flags.
+pub fn small_config(model: &str, extra: &[&str]) -> EngineConfig {
+    let mut args = vec![
+        "hotprefix-engine",
+        "--model",
+        model,
+        "--backend",
+        "cpu",
+        "--device-cache-tokens",
+        "2048",
+        "--host-cache-tokens",
+        "4096",
+    ];
+    args.extend_from_slice(extra);
+    EngineArgs::try_parse_from(args)
+        .expect("the test's flags parse")
+        .validate()
+        .expect("the test's flags are valid")
 }
