@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
@@ -876,35 +876,34 @@ impl<R: AsyncBufRead + Unpin> Body<R> {
                     self.finished = true;
                     return Ok(None);
                 }
-                let mut data = vec![0u8; (*left).min(16 * 1024) as usize];
-                let n = self
-                    .reader
-                    .read(&mut data)
-                    .await
-                    .map_err(|e| format!("read error: {e}"))?;
-                if n == 0 {
+                let data = read_some(&mut self.reader, (*left).min(16 * 1024) as usize).await?;
+                if data.is_empty() {
                     return Err(format!("connection closed with {left} body bytes missing"));
                 }
-                data.truncate(n);
-                *left -= n as u64;
+                *left -= data.len() as u64;
                 Ok(Some(data))
             }
             BodyKind::UntilClose => {
-                let mut data = vec![0u8; 16 * 1024];
-                let n = self
-                    .reader
-                    .read(&mut data)
-                    .await
-                    .map_err(|e| format!("read error: {e}"))?;
-                if n == 0 {
+                let data = read_some(&mut self.reader, 16 * 1024).await?;
+                if data.is_empty() {
                     self.finished = true;
                     return Ok(None);
                 }
-                data.truncate(n);
                 Ok(Some(data))
             }
         }
     }
+}
+
+/// Up to `max` bytes, whatever one read returns; empty at the end of the stream.
+async fn read_some<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> Result<Vec<u8>, String> {
+    let mut data = vec![0u8; max];
+    let n = reader
+        .read(&mut data)
+        .await
+        .map_err(|e| format!("read error: {e}"))?;
+    data.truncate(n);
+    Ok(data)
 }
 
 /// Status and body reader of a response whose headers have been read.
