@@ -8,8 +8,11 @@
 //! from the file is checked before use, so a truncated or hostile file yields a [`GgufError`],
 //! never a panic or a huge allocation.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use thiserror::Error;
@@ -222,7 +225,7 @@ impl TensorInfo {
     }
 }
 
-/// A parsed GGUF file with its bytes.
+/// A parsed GGUF file: its header in memory, its tensor data read on demand.
 pub struct GgufFile {
     /// Format version (2 or 3).
     pub version: u32,
@@ -230,8 +233,27 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, Value>,
     /// Tensor directory, in file order.
     pub tensors: Vec<TensorInfo>,
-    bytes: Vec<u8>,
-    data_start: usize,
+    data: TensorData,
+    data_start: u64,
+}
+
+/// Where tensor bytes come from. A file opened from disk is not read whole: each tensor is read
+/// when it is dequantised, so loading never holds the file and its f32 weights at once (for an
+/// 8B model the quantised file alone is several GiB). Memory-mapping would avoid even the
+/// per-tensor copy, but it needs `unsafe`, which this project allows only in the CUDA backend,
+/// and the weights are converted to f32 anyway, so the copy is not what costs.
+enum TensorData {
+    Memory(Vec<u8>),
+    File { file: File, path: String, len: u64 },
+}
+
+impl TensorData {
+    fn len(&self) -> u64 {
+        match self {
+            TensorData::Memory(b) => b.len() as u64,
+            TensorData::File { len, .. } => *len,
+        }
+    }
 }
 
 impl fmt::Debug for GgufFile {
@@ -240,84 +262,62 @@ impl fmt::Debug for GgufFile {
             .field("version", &self.version)
             .field("metadata", &self.metadata.len())
             .field("tensors", &self.tensors.len())
-            .field("bytes", &self.bytes.len())
+            .field("bytes", &self.data.len())
             .finish()
     }
 }
 
+/// Header bytes read first when opening a file; doubled until the header fits.
+const FIRST_HEADER_READ: u64 = 1 << 20;
+
 impl GgufFile {
-    /// Reads and parses a file.
+    /// Opens and parses a file, reading only its header now. The header (metadata, tokenizer
+    /// and tensor directory) is read in growing prefixes until it parses.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let bytes = std::fs::read(path).map_err(|source| GgufError::Io {
+        let io = |source| GgufError::Io {
             path: path.display().to_string(),
             source,
-        })?;
-        GgufFile::parse(bytes)
+        };
+        let file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut want = FIRST_HEADER_READ.min(len);
+        loop {
+            // Bounded by the file's length, which the header needs to be read from anyway.
+            let mut head = vec![0u8; want as usize];
+            file.read_exact_at(&mut head, 0).map_err(io)?;
+            match parse_header(&head) {
+                Ok(h) => {
+                    let data = TensorData::File {
+                        file,
+                        path: path.display().to_string(),
+                        len,
+                    };
+                    return GgufFile::checked(h, data);
+                }
+                // The header runs past this prefix: read more, unless this was all of it.
+                Err(GgufError::Truncated { .. }) if want < len => want = (want * 2).min(len),
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Parses a whole file held in memory.
     pub fn parse(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
-        let mut r = Reader { b: &bytes, pos: 0 };
-        let magic = r.u32("magic")?;
-        if magic != MAGIC {
-            return Err(GgufError::BadMagic(magic));
-        }
-        let version = r.u32("version")?;
-        if !(2..=3).contains(&version) {
-            return Err(GgufError::UnsupportedVersion(version));
-        }
-        let n_tensors = r.count("tensor count", MAX_ENTRIES)?;
-        let n_kv = r.count("metadata count", MAX_ENTRIES)?;
-        let mut metadata = BTreeMap::new();
-        for _ in 0..n_kv {
-            let key = r.string("metadata key")?;
-            let ty = r.u32("metadata type")?;
-            let value = r.value(ty, 0)?;
-            metadata.insert(key, value);
-        }
-        let mut tensors = Vec::with_capacity(n_tensors.min(4096) as usize);
-        for _ in 0..n_tensors {
-            let name = r.string("tensor name")?;
-            let n_dims = r.u32("tensor rank")?;
-            if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(GgufError::Malformed(format!(
-                    "tensor {name:?} has {n_dims} dimensions"
-                )));
-            }
-            let mut dims = Vec::with_capacity(n_dims as usize);
-            for _ in 0..n_dims {
-                dims.push(r.u64("tensor dimension")?);
-            }
-            let dtype = GgmlType::from_code(r.u32("tensor type")?);
-            let offset = r.u64("tensor offset")?;
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                dtype,
-                offset,
-            });
-        }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .unwrap_or(DEFAULT_ALIGNMENT);
-        if alignment == 0 || !alignment.is_power_of_two() {
-            return Err(GgufError::Malformed(format!(
-                "alignment {alignment} is not a power of two"
-            )));
-        }
-        let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
-        let data_start = usize::try_from(data_start)
-            .map_err(|_| GgufError::Malformed("data section beyond addressable memory".into()))?;
+        let h = parse_header(&bytes)?;
+        GgufFile::checked(h, TensorData::Memory(bytes))
+    }
+
+    /// The file from its parsed header, once every tensor is checked to lie inside it.
+    fn checked(h: Header, data: TensorData) -> Result<GgufFile, GgufError> {
         let file = GgufFile {
-            version,
-            metadata,
-            tensors,
-            bytes,
-            data_start,
+            version: h.version,
+            metadata: h.metadata,
+            tensors: h.tensors,
+            data,
+            data_start: h.data_start,
         };
         for t in &file.tensors {
-            file.tensor_bytes(t)?;
+            file.tensor_range(t)?;
         }
         Ok(file)
     }
@@ -342,13 +342,14 @@ impl GgufFile {
         self.metadata.get(key).and_then(Value::as_str)
     }
 
-    /// The raw bytes of a tensor's data, checked to lie inside the file.
-    pub fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8], GgufError> {
+    /// Byte range of a tensor's data in the file, checked to lie inside it (empty for a type
+    /// whose size is unknown).
+    fn tensor_range(&self, t: &TensorInfo) -> Result<std::ops::Range<u64>, GgufError> {
         let bad = |m: String| GgufError::Malformed(format!("tensor {:?}: {m}", t.name));
         let (per_block, block_bytes) = match t.dtype.block_layout() {
             Some(l) => l,
             // Unknown types: the directory entry is kept, its size cannot be checked.
-            None => return Ok(&[]),
+            None => return Ok(0..0),
         };
         let elements = t
             .dims
@@ -363,19 +364,41 @@ impl GgufFile {
         let len = (elements / per_block)
             .checked_mul(block_bytes)
             .ok_or_else(|| bad("byte size overflows".into()))?;
-        let start = (self.data_start as u64)
+        let start = self
+            .data_start
             .checked_add(t.offset)
             .ok_or_else(|| bad("offset overflows".into()))?;
         let end = start
             .checked_add(len)
             .ok_or_else(|| bad("end overflows".into()))?;
-        if end > self.bytes.len() as u64 {
+        if end > self.data.len() {
             return Err(bad(format!(
                 "data [{start}, {end}) lies beyond the end of the file ({} bytes)",
-                self.bytes.len()
+                self.data.len()
             )));
         }
-        Ok(&self.bytes[start as usize..end as usize])
+        Ok(start..end)
+    }
+
+    /// The raw bytes of a tensor's data (read from disk for an opened file).
+    pub fn tensor_bytes(&self, t: &TensorInfo) -> Result<Cow<'_, [u8]>, GgufError> {
+        let r = self.tensor_range(t)?;
+        match &self.data {
+            // In range: `tensor_range` checked it against this length.
+            TensorData::Memory(b) => Ok(Cow::Borrowed(&b[r.start as usize..r.end as usize])),
+            TensorData::File { file, path, .. } => {
+                let len = usize::try_from(r.end - r.start).map_err(|_| {
+                    GgufError::Malformed(format!("tensor {:?} is too large", t.name))
+                })?;
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, r.start)
+                    .map_err(|source| GgufError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Ok(Cow::Owned(buf))
+            }
+        }
     }
 
     /// The tensor named `name`, dequantised to f32 in storage order.
@@ -384,13 +407,82 @@ impl GgufFile {
             .tensor(name)
             .ok_or_else(|| GgufError::NoTensor(name.to_string()))?;
         let bytes = self.tensor_bytes(t)?;
-        dequantize(t.dtype, bytes, t.elements() as usize).ok_or_else(|| {
+        dequantize(t.dtype, &bytes, t.elements() as usize).ok_or_else(|| {
             GgufError::UnsupportedType {
                 name: name.to_string(),
                 dtype: t.dtype,
             }
         })
     }
+}
+
+/// What the header of a GGUF file says.
+struct Header {
+    version: u32,
+    metadata: BTreeMap<String, Value>,
+    tensors: Vec<TensorInfo>,
+    /// Byte offset of the tensor data section.
+    data_start: u64,
+}
+
+/// Parses the header at the start of `bytes` (which may stop anywhere after it).
+fn parse_header(bytes: &[u8]) -> Result<Header, GgufError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    let magic = r.u32("magic")?;
+    if magic != MAGIC {
+        return Err(GgufError::BadMagic(magic));
+    }
+    let version = r.u32("version")?;
+    if !(2..=3).contains(&version) {
+        return Err(GgufError::UnsupportedVersion(version));
+    }
+    let n_tensors = r.count("tensor count", MAX_ENTRIES)?;
+    let n_kv = r.count("metadata count", MAX_ENTRIES)?;
+    let mut metadata = BTreeMap::new();
+    for _ in 0..n_kv {
+        let key = r.string("metadata key")?;
+        let ty = r.u32("metadata type")?;
+        let value = r.value(ty, 0)?;
+        metadata.insert(key, value);
+    }
+    let mut tensors = Vec::with_capacity(n_tensors.min(4096) as usize);
+    for _ in 0..n_tensors {
+        let name = r.string("tensor name")?;
+        let n_dims = r.u32("tensor rank")?;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(GgufError::Malformed(format!(
+                "tensor {name:?} has {n_dims} dimensions"
+            )));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(r.u64("tensor dimension")?);
+        }
+        let dtype = GgmlType::from_code(r.u32("tensor type")?);
+        let offset = r.u64("tensor offset")?;
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            dtype,
+            offset,
+        });
+    }
+    let alignment = metadata
+        .get("general.alignment")
+        .and_then(Value::as_u64)
+        .unwrap_or(DEFAULT_ALIGNMENT);
+    if alignment == 0 || !alignment.is_power_of_two() {
+        return Err(GgufError::Malformed(format!(
+            "alignment {alignment} is not a power of two"
+        )));
+    }
+    let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
+    Ok(Header {
+        version,
+        metadata,
+        tensors,
+        data_start,
+    })
 }
 
 /// Dequantises `n` elements of type `dtype` from `bytes` (which must hold exactly them).

@@ -156,6 +156,61 @@ fn malformed_files_are_errors_not_panics() {
     }
 }
 
+/// Writes `bytes` to a fresh file in the temp folder.
+fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("hotprefix-{}-{name}.gguf", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn a_file_opened_from_disk_reads_its_header_in_growing_prefixes_and_tensors_on_demand() {
+    // A header of about 3 MiB (a long string array, like a tokenizer's vocabulary) is larger
+    // than the first read, so opening needs several prefixes.
+    let mut arr = Vec::new();
+    arr.extend(8u32.to_le_bytes());
+    arr.extend(200_000u64.to_le_bytes());
+    for i in 0..200_000 {
+        Writer::string(&mut arr, &format!("token-{i:08}"));
+    }
+    let mut w = Writer::default();
+    w.kv("tokenizer.ggml.tokens", 9, &arr);
+    let f32s: Vec<f32> = (0..64).map(|i| i as f32 * 0.25).collect();
+    let f32_bytes: Vec<u8> = f32s.iter().flat_map(|v| v.to_le_bytes()).collect();
+    w.tensor("w", &[8, 8], 0, &f32_bytes);
+    let bytes = w.bytes();
+    assert!(bytes.len() > 2 << 20);
+    let path = temp_file("big-header", &bytes);
+    let g = GgufFile::open(&path).unwrap();
+    let Some(Value::Array(tokens)) = g.metadata.get("tokenizer.ggml.tokens") else {
+        panic!("no token array");
+    };
+    assert_eq!(tokens.len(), 200_000);
+    assert_eq!(g.dequantize("w").unwrap(), f32s);
+    // The same file parsed from memory reads the same.
+    assert_eq!(
+        GgufFile::parse(bytes.clone())
+            .unwrap()
+            .dequantize("w")
+            .unwrap(),
+        f32s
+    );
+    std::fs::remove_file(&path).unwrap();
+    // Truncated on disk: inside the header, and inside the tensor data.
+    for cut in [1 << 20, bytes.len() - 4] {
+        let path = temp_file("truncated", &bytes[..cut]);
+        let err = GgufFile::open(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            matches!(err, GgufError::Truncated { .. } | GgufError::Malformed(_)),
+            "{err}"
+        );
+    }
+    // A missing file names its path.
+    let err = GgufFile::open(std::path::Path::new("/nonexistent/model.gguf")).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/model.gguf"), "{err}");
+}
+
 #[test]
 fn the_default_model_reads_with_its_documented_shape() {
     let g = GgufFile::open(&common::model_path()).unwrap();

@@ -282,7 +282,8 @@ fn exp_fast(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // 2^k: adding 2^23 puts the integer k + 127 in the low mantissa bits; shifting them into
     // the exponent field builds the power of two.
     let scale = f32::from_bits((k + (127.0 + 8_388_608.0)).to_bits() << 23);
@@ -291,6 +292,7 @@ fn exp_fast(x: f32) -> f32 {
 
 /// Largest value, in eight independent lanes so the loop vectorises (`f32::max` keeps NaN
 /// semantics the vector instruction lacks, which would keep the loop scalar).
+#[inline(always)]
 fn max8(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = v.chunks_exact(8);
@@ -306,6 +308,7 @@ fn max8(v: &[f32]) -> f32 {
 }
 
 /// Sum in eight independent lanes, for the same reason.
+#[inline(always)]
 fn sum8(v: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = v.chunks_exact(8);
@@ -320,6 +323,7 @@ fn sum8(v: &[f32]) -> f32 {
 
 /// Softmax of `scale * v`, in place. Each pass is a separate loop with no carried dependency
 /// so that all three vectorise; a combined exp-and-sum loop stays scalar.
+#[inline(always)]
 fn softmax_scaled(v: &mut [f32], scale: f32) {
     let m = max8(v);
     for x in v.iter_mut() {
@@ -328,6 +332,53 @@ fn softmax_scaled(v: &mut [f32], scale: f32) {
     let inv = 1.0 / sum8(v);
     for x in v.iter_mut() {
         *x *= inv;
+    }
+}
+
+/// Causal softmax of one attention tile's scores, rows of `ctx` positions, `group` query heads
+/// per token. Run through [`pulp::Arch::dispatch`] so that the loops, all inlined into it, are
+/// compiled for the widest vector instructions this CPU has (AVX2 and FMA on x86-64) instead of
+/// the SSE2 baseline: measured, the exponentials of a short step over a long context were a
+/// fifth of its time at SSE2 width. Only plain IEEE operations are used (no fused
+/// multiply-add contraction), so the result is the same whichever instruction set runs it.
+struct CausalSoftmax<'a> {
+    scores: &'a mut [f32],
+    ctx: usize,
+    /// Position of the tile's first token.
+    first_pos: usize,
+    group: usize,
+    scale: f32,
+}
+
+impl pulp::WithSimd for CausalSoftmax<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        for (r, row) in self.scores.chunks_exact_mut(self.ctx).enumerate() {
+            // Causal: a token sees its own position and everything before it.
+            let pos = self.first_pos + r / self.group;
+            let (seen, future) = row.split_at_mut(pos + 1);
+            softmax_scaled(seen, self.scale);
+            future.fill(0.0);
+        }
+    }
+}
+
+/// `gate = silu(gate) * up`, dispatched like [`CausalSoftmax`] for the same reason.
+struct SiluMul<'a> {
+    gate: &'a mut [f32],
+    up: &'a [f32],
+}
+
+impl pulp::WithSimd for SiluMul<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        for (g, &u) in self.gate.iter_mut().zip(self.up) {
+            *g = *g / (1.0 + exp_fast(-*g)) * u;
+        }
     }
 }
 
@@ -491,9 +542,10 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&mut self, gate: &mut CpuTensor, up: &CpuTensor) -> Result<(), BackendError> {
         shape("silu_mul", gate.data.len() == up.data.len())?;
-        for (g, &u) in gate.data.iter_mut().zip(&up.data) {
-            *g = *g / (1.0 + exp_fast(-*g)) * u;
-        }
+        pulp::Arch::new().dispatch(SiluMul {
+            gate: &mut gate.data,
+            up: &up.data,
+        });
         Ok(())
     }
 
@@ -641,13 +693,13 @@ impl Backend for CpuBackend {
                 scores.resize(m * ctx, 0.0);
                 // Tiles run in parallel already, so each product stays on its thread.
                 matmul_rows(&qg, m, hd, kv.transpose(), &mut scores, false);
-                for (r, row) in scores.chunks_exact_mut(ctx).enumerate() {
-                    let pos = s.start + task.tokens.start + r / group;
-                    // Causal: a token sees its own position and everything before it.
-                    let (seen, future) = row.split_at_mut(pos + 1);
-                    softmax_scaled(seen, scale);
-                    future.fill(0.0);
-                }
+                pulp::Arch::new().dispatch(CausalSoftmax {
+                    scores: &mut scores,
+                    ctx,
+                    first_pos: s.start + task.tokens.start,
+                    group,
+                    scale,
+                });
                 let mut o = vec![0f32; m * hd];
                 matmul_rows(&scores, m, ctx, vv, &mut o, false);
                 SCORES.with_borrow_mut(|b| *b = scores);
