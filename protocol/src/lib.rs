@@ -30,6 +30,8 @@
 //! below the rate of hardware memory errors; the scheme is the same as vLLM's default
 //! prefix-cache hashing in this respect.
 
+pub mod cluster;
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use xxhash_rust::xxh3::xxh3_64;
