@@ -3,13 +3,17 @@
 //! turned into the validated [`EngineConfig`] the components are built from.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use hotprefix_cache::{HotnessConfig, PolicyKind};
+use hotprefix_protocol::ReplicaId;
+use hotprefix_protocol::cluster::{DEFAULT_SUMMARY_ENTRIES, Keys, MAX_SUMMARY_ENTRIES};
 use thiserror::Error;
 
 use crate::backend::BackendKind;
+use crate::publish::{PublishConfig, RedisTarget, RedisUrl, Secret};
 use crate::source::ModelSource;
 
 /// A flag value out of range or inconsistent with another.
@@ -81,6 +85,32 @@ pub struct EngineArgs {
     /// Log format: text or json.
     #[arg(long, env = "HOTPREFIX_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Redis to publish this replica's registration, load and hotness summary to, for routers:
+    /// redis://[user:password@]host[:port][/db] or rediss://... (TLS). Without it nothing is
+    /// published.
+    #[arg(long, env = "HOTPREFIX_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<RedisUrl>,
+    /// Redis password, overriding the one in --redis-url (e.g. from a Kubernetes Secret).
+    #[arg(long, env = "HOTPREFIX_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<Secret>,
+    /// PEM file of the CA certificates to trust for rediss:// instead of the system's roots.
+    #[arg(long, env = "HOTPREFIX_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// Service name: the replicas of one service share the Redis keys
+    /// hotprefix:v1:{service}:... ([A-Za-z0-9._-]).
+    #[arg(long, env = "HOTPREFIX_SERVICE", default_value = "default")]
+    pub service: String,
+    /// This replica's id in Redis ([A-Za-z0-9._-]; default: the host name, which is the pod
+    /// name in a StatefulSet).
+    #[arg(long, env = "HOTPREFIX_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// URL routers reach this replica at (default: http://{listen address}, with 0.0.0.0
+    /// replaced by 127.0.0.1).
+    #[arg(long, env = "HOTPREFIX_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// Hottest prefix blocks per published hotness summary.
+    #[arg(long, env = "HOTPREFIX_SUMMARY_ENTRIES", default_value_t = DEFAULT_SUMMARY_ENTRIES)]
+    pub summary_entries: usize,
 }
 
 /// The validated configuration.
@@ -116,6 +146,8 @@ pub struct EngineConfig {
     pub shutdown_grace: Duration,
     /// JSON logs.
     pub json_logs: bool,
+    /// Publishing to Redis (`--redis-url` given), or `None`.
+    pub publish: Option<PublishConfig>,
 }
 
 impl EngineArgs {
@@ -172,6 +204,18 @@ impl EngineArgs {
         );
         probe.hotness = hotness.clone();
         probe.validate().map_err(|e| ConfigError(e.to_string()))?;
+        let publish = match self.redis_url {
+            Some(url) => Some(publish_config(
+                url,
+                self.redis_password,
+                self.redis_ca_file,
+                &self.service,
+                self.replica_id,
+                self.advertise_url,
+                self.summary_entries,
+            )?),
+            None => None,
+        };
         Ok(EngineConfig {
             model,
             listen: self.listen,
@@ -188,8 +232,70 @@ impl EngineArgs {
             threads: self.threads,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
             json_logs,
+            publish,
         })
     }
+}
+
+/// Checks the publishing flags (only read when `--redis-url` is given).
+fn publish_config(
+    url: RedisUrl,
+    password: Option<Secret>,
+    ca_file: Option<PathBuf>,
+    service: &str,
+    replica_id: Option<String>,
+    advertise_url: Option<String>,
+    summary_entries: usize,
+) -> Result<PublishConfig, ConfigError> {
+    // Builds (and drops) the client: a malformed URL, a CA file without TLS or an unreadable
+    // one fail at start-up, before the model loads. The error texts are already redacted.
+    RedisTarget::new(&url, password.as_ref(), ca_file.as_deref())
+        .map_err(|e| ConfigError(e.to_string()))?;
+    let keys = Keys::new(service).map_err(|e| ConfigError(format!("--service: {e}")))?;
+    let replica = match replica_id {
+        Some(id) => id,
+        None => host_name().ok_or_else(|| {
+            ConfigError("--replica-id: the host name is unknown; give an id".into())
+        })?,
+    };
+    let replica =
+        ReplicaId::parse(&replica).map_err(|e| ConfigError(format!("--replica-id: {e}")))?;
+    if let Some(u) = &advertise_url
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        return Err(ConfigError(format!(
+            "--advertise-url {u:?}: expected http://host:port or https://..."
+        )));
+    }
+    if !(1..=MAX_SUMMARY_ENTRIES).contains(&summary_entries) {
+        return Err(ConfigError(format!(
+            "--summary-entries {summary_entries} not in 1..={MAX_SUMMARY_ENTRIES}"
+        )));
+    }
+    Ok(PublishConfig {
+        url,
+        password,
+        ca_file,
+        keys,
+        replica,
+        advertise_url,
+        summary_entries,
+    })
+}
+
+/// This machine's host name: `$HOSTNAME` (set in every container, the pod name in
+/// Kubernetes), else the kernel's (shells do not always export `HOSTNAME`).
+fn host_name() -> Option<String> {
+    let from_env = std::env::var("HOSTNAME").ok();
+    let from_kernel = || {
+        ["/proc/sys/kernel/hostname", "/etc/hostname"]
+            .iter()
+            .find_map(|p| std::fs::read_to_string(p).ok())
+    };
+    from_env
+        .or_else(from_kernel)
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
 }
 
 #[cfg(test)]
@@ -219,6 +325,92 @@ mod tests {
             (16, 512, 256)
         );
         assert!(!c.json_logs);
+        assert!(
+            c.publish.is_none(),
+            "nothing is published without --redis-url"
+        );
+    }
+
+    #[test]
+    fn publishing_flags_are_checked_and_defaulted() {
+        let c = parse(&[
+            "--redis-url",
+            "redis://:pw@127.0.0.1:6379/2",
+            "--replica-id",
+            "engine-0",
+        ])
+        .unwrap();
+        assert_eq!(c.publish.unwrap().replica.0, "engine-0");
+        let Ok(c) = parse(&["--redis-url", "redis://:pw@127.0.0.1:6379/2"]) else {
+            // A host whose name is not a valid replica id needs --replica-id; nothing to check.
+            assert!(host_name().is_none_or(|h| ReplicaId::parse(&h).is_err()));
+            return;
+        };
+        let p = c.publish.unwrap();
+        assert_eq!(p.keys, Keys::new("default").unwrap());
+        assert_eq!(p.summary_entries, DEFAULT_SUMMARY_ENTRIES);
+        assert_eq!(p.advertise_url, None);
+        assert_eq!(
+            p.advertise_url("0.0.0.0:8000".parse().unwrap()),
+            "http://127.0.0.1:8000"
+        );
+        assert_eq!(
+            Some(p.replica.0),
+            host_name(),
+            "the default id is the host name"
+        );
+        let c = parse(&[
+            "--redis-url",
+            "rediss://user:pw@redis.example:6380",
+            "--redis-password",
+            "other",
+            "--service",
+            "chat",
+            "--replica-id",
+            "engine-3",
+            "--advertise-url",
+            "http://10.0.0.7:8000",
+            "--summary-entries",
+            "100",
+        ])
+        .unwrap();
+        let p = c.publish.unwrap();
+        assert_eq!(p.keys, Keys::new("chat").unwrap());
+        assert_eq!(p.replica.0, "engine-3");
+        assert_eq!(p.summary_entries, 100);
+        assert_eq!(p.password.as_ref().map(Secret::expose), Some("other"));
+        assert_eq!(
+            p.advertise_url("127.0.0.1:1".parse().unwrap()),
+            "http://10.0.0.7:8000"
+        );
+        // Neither the URL's password nor the flag's shows in a configuration dump.
+        let dump = format!("{p:?}");
+        assert!(!dump.contains("pw") && !dump.contains("other"), "{dump}");
+    }
+
+    #[test]
+    fn bad_publishing_flags_are_refused_without_leaking_the_password() {
+        let redis = ["--redis-url", "redis://:s3cret@127.0.0.1"];
+        for (extra, needle) in [
+            (&["--service", "a:b"][..], "--service"),
+            (&["--replica-id", "pod 1"][..], "--replica-id"),
+            (&["--advertise-url", "10.0.0.1:80"][..], "--advertise-url"),
+            (&["--summary-entries", "0"][..], "--summary-entries"),
+            (&["--summary-entries", "65537"][..], "--summary-entries"),
+            (&["--redis-ca-file", "/etc/hostname"][..], "--redis-ca-file"),
+        ] {
+            let mut args = redis.to_vec();
+            args.extend_from_slice(extra);
+            let e = parse(&args).expect_err(needle);
+            assert!(e.contains(needle), "{extra:?}: {e}");
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+        for url in ["http://:s3cret@h", "redis://:s3cret@h:99999", "s3cret"] {
+            let e = parse(&["--redis-url", url]).expect_err(url);
+            assert!(e.contains("--redis-url") && !e.contains("s3cret"), "{e}");
+        }
+        // Without --redis-url the publishing flags are not read.
+        assert!(parse(&["--service", "a:b"]).unwrap().publish.is_none());
     }
 
     #[test]

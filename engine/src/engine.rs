@@ -39,6 +39,8 @@ pub struct CacheReport {
     pub waiting: usize,
     /// Requests running.
     pub running: usize,
+    /// Prompt tokens queued or admitted that are not yet prefilled.
+    pub pending_prefill_tokens: usize,
 }
 
 enum Command {
@@ -217,6 +219,7 @@ fn handle<B: Backend>(s: &mut Scheduler<B>, c: Command, in_channel: &AtomicUsize
                     .count(),
                 waiting: st.waiting,
                 running: st.running,
+                pending_prefill_tokens: s.pending_prefill_tokens(),
                 block_size: s.config().block_size,
                 policy: s.config().policy.to_string(),
                 usage: st.usage,

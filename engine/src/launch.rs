@@ -33,8 +33,34 @@ pub enum LaunchError {
     Thread(#[from] std::io::Error),
 }
 
+/// What a launched engine serves, as its Redis registration advertises it: routers hash
+/// requests with exactly this salt and block size, so they name prefixes as the cache does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The served model id (as in `/v1/models`).
+    pub model: String,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// The salt of the scheduler's block hashes.
+    pub salt: Salt,
+}
+
+/// A started engine: the HTTP state and what it serves.
+#[derive(Clone, Debug)]
+pub struct Launched {
+    /// The state the HTTP server runs on.
+    pub state: AppState,
+    /// What the engine serves, for publishing.
+    pub served: Served,
+}
+
 /// Loads the model and starts the engine thread; the returned state serves HTTP.
 pub fn launch(cfg: &EngineConfig) -> Result<AppState, LaunchError> {
+    launch_engine(cfg).map(|l| l.state)
+}
+
+/// [`launch`], also returning what the engine serves (model id, block size, hash salt).
+pub fn launch_engine(cfg: &EngineConfig) -> Result<Launched, LaunchError> {
     if let Some(n) = cfg.threads {
         // Only the first configuration of the global pool takes effect (tests launch several
         // engines in one process); later ones keep the existing pool.
@@ -77,13 +103,9 @@ pub fn launch(cfg: &EngineConfig) -> Result<AppState, LaunchError> {
     let mut backend = CpuBackend::new();
     let decoder = Decoder::new(loaded.model, &mut backend)?;
     let metrics = Arc::new(EngineMetrics::new(&id));
-    let mut sc = SchedulerConfig::new(
-        cfg.block_size,
-        cfg.device_blocks,
-        cfg.host_blocks,
-        // Block hashes name the model, so caches (and routers) never mix two models' KV.
-        Salt::new(&loaded.id, None, None),
-    );
+    // Block hashes name the model, so caches (and routers) never mix two models' KV.
+    let salt = Salt::new(&loaded.id, None, None);
+    let mut sc = SchedulerConfig::new(cfg.block_size, cfg.device_blocks, cfg.host_blocks, salt);
     sc.policy = cfg.policy;
     sc.hotness = cfg.hotness.clone();
     sc.max_running = cfg.max_running;
@@ -91,11 +113,53 @@ pub fn launch(cfg: &EngineConfig) -> Result<AppState, LaunchError> {
     sc.max_waiting = cfg.max_waiting;
     let scheduler = Scheduler::new(sc, decoder, backend, Arc::clone(&metrics))?;
     let engine = EngineHandle::start(scheduler, metrics)?;
-    Ok(AppState::new(
+    let served = Served {
+        model: id.clone(),
+        block_size: cfg.block_size,
+        salt,
+    };
+    let state = AppState::new(
         engine,
         loaded.tokenizer,
         loaded.chat,
         id,
         loaded.stop_tokens,
-    ))
+    );
+    Ok(Launched { state, served })
+}
+
+/// Serves `launched` on `listener` until `shutdown` resolves, publishing to Redis when
+/// `publish` is given, then drains in-flight requests within the configured grace period. The
+/// publisher leaves Redis as soon as the shutdown starts, not after the drain, so routers stop
+/// choosing this replica while it finishes its requests. The binary's `main` is this plus
+/// logging and signals; tests that run an engine as a separate process call it too.
+pub async fn serve(
+    cfg: &EngineConfig,
+    launched: Launched,
+    publish: Option<crate::publish::RedisTarget>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let bound = listener.local_addr()?;
+    let state = launched.state;
+    tracing::info!(listen = %bound, model = %state.model_id, "serving");
+    let publisher = match (publish, &cfg.publish) {
+        (Some(target), Some(p)) => Some(
+            crate::publish::Publisher::new(target, p, &launched.served, bound)
+                .spawn(state.engine.clone()),
+        ),
+        _ => None,
+    };
+    let stopper = publisher.as_ref().map(|p| p.stopper());
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(s) = stopper {
+            s.stop();
+        }
+    };
+    let served = crate::server::run(listener, state, shutdown, cfg.shutdown_grace).await;
+    if let Some(p) = publisher {
+        p.shutdown().await;
+    }
+    served
 }

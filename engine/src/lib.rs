@@ -13,6 +13,8 @@ pub mod hf;
 pub mod launch;
 pub mod metrics;
 pub mod model;
+pub mod prompt;
+pub mod publish;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;

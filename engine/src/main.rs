@@ -1,11 +1,13 @@
 //! `hotprefix-engine`: loads a model and serves the OpenAI-compatible API until SIGINT or
-//! SIGTERM, then drains in-flight requests within the grace period.
+//! SIGTERM, then drains in-flight requests within the grace period. With `--redis-url` it also
+//! publishes its registration, load and hotness summary for routers, and leaves Redis as soon as
+//! the shutdown starts.
 
 use anyhow::Context;
 use clap::Parser;
 use hotprefix_engine::config::EngineArgs;
-use hotprefix_engine::launch::launch;
-use hotprefix_engine::server;
+use hotprefix_engine::launch::{self, launch_engine};
+use hotprefix_engine::publish::RedisTarget;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -19,7 +21,15 @@ fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    let state = launch(&cfg).context("starting the engine")?;
+    // Checked again here (config validation already built it once) to keep the client.
+    let target = match &cfg.publish {
+        Some(p) => Some(
+            RedisTarget::new(&p.url, p.password.as_ref(), p.ca_file.as_deref())
+                .context("setting up Redis publishing")?,
+        ),
+        None => None,
+    };
+    let launched = launch_engine(&cfg).context("starting the engine")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         // The HTTP side only parses, tokenises and streams; compute runs on rayon's threads.
         .worker_threads(2)
@@ -30,8 +40,7 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
-        tracing::info!(listen = %listener.local_addr()?, model = %state.model_id, "serving");
-        server::run(listener, state, shutdown_signal(), cfg.shutdown_grace)
+        launch::serve(&cfg, launched, target, listener, shutdown_signal())
             .await
             .context("serving HTTP")
     })

@@ -14,8 +14,9 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0,
 ];
 
+/// A Prometheus histogram with fixed bucket bounds (shared with the router's metrics).
 #[derive(Debug, Clone)]
-struct Histogram {
+pub struct Histogram {
     buckets: &'static [f64],
     counts: Vec<u64>,
     sum: f64,
@@ -23,7 +24,8 @@ struct Histogram {
 }
 
 impl Histogram {
-    fn new(buckets: &'static [f64]) -> Self {
+    /// An empty histogram with these upper bounds (ascending).
+    pub fn new(buckets: &'static [f64]) -> Self {
         Histogram {
             buckets,
             counts: vec![0; buckets.len()],
@@ -32,7 +34,8 @@ impl Histogram {
         }
     }
 
-    fn observe(&mut self, v: f64) {
+    /// Records one value.
+    pub fn observe(&mut self, v: f64) {
         for (b, c) in self.buckets.iter().zip(self.counts.iter_mut()) {
             if v <= *b {
                 *c += 1;
@@ -42,7 +45,8 @@ impl Histogram {
         self.count += 1;
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
+    /// Appends the histogram in the text exposition format.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (b, c) in self.buckets.iter().zip(&self.counts) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");

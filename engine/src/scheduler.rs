@@ -455,6 +455,25 @@ impl<B: Backend> Scheduler<B> {
         }
     }
 
+    /// Tokens still to prefill: every token of a queued request (a preempted one recomputes
+    /// what it had generated too), and the uncomputed tokens of running requests that are
+    /// still prefilling (a decoding request's one next token is not prefill).
+    pub fn pending_prefill_tokens(&self) -> usize {
+        let queued: usize = self
+            .waiting
+            .iter()
+            .map(|s| s.tokens.len().saturating_sub(s.computed))
+            .sum();
+        let running: usize = self
+            .running
+            .iter()
+            .map(|s| (s.tokens.len().saturating_sub(s.computed), s.generated))
+            .filter(|&(left, generated)| left > 1 || generated == 0)
+            .map(|(left, _)| left)
+            .sum();
+        queued + running
+    }
+
     /// The `top_k` hottest cached prefixes now.
     pub fn summary(&self, top_k: usize) -> Vec<hotprefix_cache::SummaryEntry> {
         self.cache.summary(top_k, self.now())

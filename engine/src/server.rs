@@ -26,11 +26,12 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::api::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatMessageOut, ChatRequest, ChatResponse,
-    CompletionChoice, CompletionRequest, CompletionResponse, Content, Delta, ErrorBody,
-    ErrorDetail, ModelCard, ModelList, Prompt, Sampling, Usage,
+    CompletionChoice, CompletionRequest, CompletionResponse, Delta, ErrorBody, ErrorDetail,
+    ModelCard, ModelList, Sampling, Usage,
 };
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::ChatTemplate;
 use crate::engine::{EngineHandle, GenerateParams};
+use crate::prompt::{self, PromptError};
 use crate::sampling::{SamplingParams, find_stop, streamable_len};
 use crate::scheduler::{Event, FinishReason, SubmitError};
 use crate::tokenizer::Tokenizer;
@@ -101,6 +102,12 @@ pub struct ApiError {
     status: StatusCode,
     body: ErrorBody,
     retry_after: Option<u64>,
+}
+
+impl From<PromptError> for ApiError {
+    fn from(e: PromptError) -> Self {
+        ApiError::bad(e.message).param(e.param)
+    }
 }
 
 impl ApiError {
@@ -521,13 +528,6 @@ fn check_model(s: &AppState, model: &str) -> Result<(), ApiError> {
     }
 }
 
-fn encode(s: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
-    s.tokenizer.encode(text).map_err(|e| {
-        tracing::warn!(error = %e, "tokenization failed");
-        ApiError::bad("the prompt could not be tokenized").param("prompt")
-    })
-}
-
 /// A piece of a generation as the handlers see it.
 enum Piece {
     /// New text.
@@ -782,17 +782,7 @@ async fn completions(
     if req.suffix.is_some() {
         return Err(ApiError::bad("suffix is not supported").param("suffix"));
     }
-    let prompt = match req.prompt {
-        Prompt::Text(t) => encode(&s, &t)?,
-        Prompt::Tokens(ids) => ids,
-        Prompt::Texts(mut v) if v.len() == 1 => encode(&s, &v.remove(0))?,
-        Prompt::TokenLists(mut v) if v.len() == 1 => v.remove(0),
-        _ => {
-            return Err(
-                ApiError::bad("exactly one prompt per request is supported").param("prompt")
-            );
-        }
-    };
+    let prompt = prompt::completion_prompt(&s.tokenizer, &req)?;
     let set = settings(&s, req.sampling, false, prompt.len())?;
     let id = s.request_id("cmpl");
     let (g, first) = start(&s, &id, prompt, &set).await?;
@@ -838,62 +828,13 @@ async fn completions(
     .into_response())
 }
 
-/// Renders a conversation with the model's template.
-fn render_chat(s: &AppState, messages: Vec<crate::api::Message>) -> Result<String, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::bad("messages must not be empty").param("messages"));
-    }
-    let mut out = Vec::with_capacity(messages.len());
-    for (i, m) in messages.into_iter().enumerate() {
-        let role = match m.role.as_str() {
-            "system" | "user" | "assistant" => m.role.clone(),
-            "developer" => "system".to_string(),
-            other => {
-                return Err(ApiError::bad(format!(
-                    "messages[{i}].role {other:?} is not supported (system, developer, user, \
-                     assistant)"
-                ))
-                .param("messages"));
-            }
-        };
-        let content = match m.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t,
-            Some(Content::Parts(parts)) => {
-                let mut t = String::new();
-                for p in parts {
-                    match (p.kind.as_str(), p.text) {
-                        ("text", Some(x)) => t.push_str(&x),
-                        (kind, _) => {
-                            return Err(ApiError::bad(format!(
-                                "messages[{i}]: content parts of type {kind:?} are not \
-                                 supported (text only)"
-                            ))
-                            .param("messages"));
-                        }
-                    }
-                }
-                t
-            }
-        };
-        out.push(ChatMessage { role, content });
-    }
-    s.chat
-        .render(&out, true)
-        .map_err(|e| ApiError::bad(e.to_string()).param("messages"))
-}
-
 async fn chat_completions(
     State(s): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(body)?;
     check_model(&s, &req.model)?;
-    let text = render_chat(&s, req.messages)?;
-    let prompt = s.tokenizer.encode_chat(&text).map_err(|e| {
-        tracing::warn!(error = %e, "tokenization failed");
-        ApiError::bad("the conversation could not be tokenized").param("messages")
-    })?;
+    let prompt = prompt::chat_prompt(&s.tokenizer, &s.chat, &req)?;
     let set = settings(&s, req.sampling, true, prompt.len())?;
     let id = s.request_id("chatcmpl");
     let (g, first) = start(&s, &id, prompt, &set).await?;

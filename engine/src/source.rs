@@ -212,8 +212,21 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel, SourceError> {
 fn load_gguf(path: &Path) -> Result<LoadedModel, SourceError> {
     let g = GgufFile::open(path)?;
     let model = LlamaModel::from_gguf(&g)?;
-    let tokenizer = Tokenizer::from_gguf(&g)?;
-    check_vocab(&tokenizer, &model)?;
+    let text = gguf_text(&g, path)?;
+    check_vocab(&text.tokenizer, &model)?;
+    let stop_tokens = stop_tokens(&text.tokenizer, &[], model.cfg.vocab);
+    Ok(LoadedModel {
+        model,
+        tokenizer: text.tokenizer,
+        chat: text.chat,
+        id: text.id,
+        stop_tokens,
+    })
+}
+
+/// The tokenizer, chat template and id of a GGUF file (its header only).
+fn gguf_text(g: &GgufFile, path: &Path) -> Result<TextModel, SourceError> {
+    let tokenizer = Tokenizer::from_gguf(g)?;
     // Templates print the special tokens' text, which the file gives only as ids.
     let text = |id: Option<u64>| {
         id.and_then(|id| u32::try_from(id).ok())
@@ -231,50 +244,92 @@ fn load_gguf(path: &Path) -> Result<LoadedModel, SourceError> {
     let id = Some(slug(&file_name(path, true)))
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "model".to_string());
-    let stop_tokens = stop_tokens(&tokenizer, &[], model.cfg.vocab);
-    Ok(LoadedModel {
-        model,
+    Ok(TextModel {
         tokenizer,
         chat,
         id,
-        stop_tokens,
     })
 }
 
 fn load_hf(dir: &Path) -> Result<LoadedModel, SourceError> {
     let cfg = HfConfig::read(dir)?;
-    let t = hf::load_tokenizer(dir, &cfg)?;
     let model = hf::model_from_weights(&cfg, &hf::Weights::open(dir)?)?;
-    check_vocab(&t.tokenizer, &model)?;
+    let text = hf_text(dir, &cfg)?;
+    check_vocab(&text.tokenizer, &model)?;
+    let stop_tokens = stop_tokens(&text.tokenizer, &cfg.eos_token_ids, model.cfg.vocab);
+    Ok(LoadedModel {
+        model,
+        tokenizer: text.tokenizer,
+        chat: text.chat,
+        id: text.id,
+        stop_tokens,
+    })
+}
+
+/// The tokenizer, chat template and id of a Hugging Face directory (no weights read).
+fn hf_text(dir: &Path, cfg: &HfConfig) -> Result<TextModel, SourceError> {
+    let t = hf::load_tokenizer(dir, cfg)?;
     let chat = match &t.chat_template {
         Some(source) => {
             ChatTemplate::new(source, t.bos_token.as_deref().unwrap_or(""), &t.eos_token)?
         }
         None => ChatTemplate::chatml()?,
     };
-    let stop_tokens = stop_tokens(&t.tokenizer, &cfg.eos_token_ids, model.cfg.vocab);
-    Ok(LoadedModel {
-        model,
+    Ok(TextModel {
         tokenizer: t.tokenizer,
         chat,
         id: file_name(dir, false),
-        stop_tokens,
     })
 }
 
 fn load_random(name: &str) -> Result<LoadedModel, SourceError> {
-    let cfg = LlamaConfig::preset(name).map_err(|e| SourceError::UnknownPreset {
-        name: name.to_string(),
-        reason: e.to_string(),
-    })?;
-    let tokenizer = Tokenizer::bytes(cfg.vocab)?;
+    let cfg = random_config(name)?;
+    let text = random_text(name, &cfg)?;
     let model = LlamaModel::random(cfg, RANDOM_SEED);
-    let stop_tokens = stop_tokens(&tokenizer, &[], model.cfg.vocab);
+    let stop_tokens = stop_tokens(&text.tokenizer, &[], model.cfg.vocab);
     Ok(LoadedModel {
         model,
-        tokenizer,
-        chat: ChatTemplate::chatml()?,
-        id: format!("random-{name}"),
+        tokenizer: text.tokenizer,
+        chat: text.chat,
+        id: text.id,
         stop_tokens,
     })
+}
+
+fn random_config(name: &str) -> Result<LlamaConfig, SourceError> {
+    LlamaConfig::preset(name).map_err(|e| SourceError::UnknownPreset {
+        name: name.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// A random preset's byte-level tokenizer, ChatML and id.
+fn random_text(name: &str, cfg: &LlamaConfig) -> Result<TextModel, SourceError> {
+    Ok(TextModel {
+        tokenizer: Tokenizer::bytes(cfg.vocab)?,
+        chat: ChatTemplate::chatml()?,
+        id: format!("random-{name}"),
+    })
+}
+
+/// What a model's requests are tokenized with, without its weights: what the router needs to
+/// hash a request's blocks exactly as the engine serving that model does.
+#[derive(Debug)]
+pub struct TextModel {
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The chat template.
+    pub chat: ChatTemplate,
+    /// The id the engine serves the model under (and salts its block hashes with).
+    pub id: String,
+}
+
+/// Loads the tokenizer, chat template and id of `source`, reading no weights (a GGUF file's
+/// header only), with the same code [`load`] uses.
+pub fn load_text(source: &ModelSource) -> Result<TextModel, SourceError> {
+    match source {
+        ModelSource::Gguf(path) => gguf_text(&GgufFile::open(path)?, path),
+        ModelSource::HuggingFace(dir) => hf_text(dir, &HfConfig::read(dir)?),
+        ModelSource::Random(name) => random_text(name, &random_config(name)?),
+    }
 }
