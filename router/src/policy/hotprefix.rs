@@ -7,7 +7,9 @@
 //! host block must still be loaded) times a hotness factor (a cold block is likelier to be
 //! evicted before the request arrives). From that it subtracts the replica's queued work in
 //! tokens: its pending prefill, a fixed cost per queued or running request, and the requests this
-//! router sent it since its last load report (each assumed to prefill what this request would). The best score wins.
+//! router sent it since its last load report (each assumed to prefill what this request would),
+//! and a cache-pressure term: the tokens it would add to the candidate's device tier times how
+//! full that tier is (new KV on a full cache evicts someone's prefix). The best score wins.
 //!
 //! **Hot-spot protection.** When the winner's queued work exceeds `hot_spot_factor` times the
 //! mean plus `hot_spot_slack_tokens`, the request goes to the best of the others instead. That
@@ -26,7 +28,7 @@ use hotprefix_protocol::{BlockHash, ReplicaId, Tier};
 
 use crate::cluster::{Candidate, PrefixIndex, RouteRequest, matched_runs};
 
-use super::{Decision, PolicyKind, RoutingPolicy, Score, argmax};
+use super::{Decision, PolicyKind, RoutingPolicy, Score};
 
 /// Weights of the `hotprefix` policy (all documented in the README's router flags).
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +45,9 @@ pub struct HotPrefixWeights {
     pub load_weight: f64,
     /// Queued work charged per waiting or running request, in tokens (decode steps it takes).
     pub request_cost_tokens: f64,
+    /// Weight of the cache-pressure term: the expected recomputation, per token, of the prefix
+    /// KV a request's new blocks evict on a full device tier.
+    pub cache_pressure_weight: f64,
     /// Hot-spot protection: the winner is skipped when its queued work exceeds this times the
     /// candidates' mean plus `hot_spot_slack_tokens`. Zero disables protection.
     pub hot_spot_factor: f64,
@@ -66,6 +71,7 @@ impl Default for HotPrefixWeights {
             cold_floor: 0.5,
             load_weight: 1.0,
             request_cost_tokens: 64.0,
+            cache_pressure_weight: 0.25,
             hot_spot_factor: 2.0,
             hot_spot_slack_tokens: 4096.0,
             recent_ms: 3_000,
@@ -83,6 +89,7 @@ impl HotPrefixWeights {
             ("hot_reference", self.hot_reference),
             ("load_weight", self.load_weight),
             ("request_cost_tokens", self.request_cost_tokens),
+            ("cache_pressure_weight", self.cache_pressure_weight),
             ("hot_spot_factor", self.hot_spot_factor),
             ("hot_spot_slack_tokens", self.hot_spot_slack_tokens),
         ];
@@ -157,6 +164,19 @@ impl HotPrefixPolicy {
             + f64::from(l.in_flight) * (unmatched as f64 + self.w.request_cost_tokens)
     }
 
+    /// Cost of the KV this request adds to a candidate's cache: the tokens it must compute
+    /// there, times the fraction of that device tier in use (about the share of new blocks that
+    /// will evict someone's cached prefix), times `cache_pressure_weight` (the chance an evicted
+    /// token is needed again and recomputed). It keeps a short shared head (a chat template's
+    /// first block) from pulling every new prefix onto one replica while another's cache is
+    /// emptier.
+    fn pressure(&self, c: &Candidate, req: &RouteRequest<'_>, matched_blocks: usize) -> f64 {
+        let new_tokens = req
+            .prompt_tokens
+            .saturating_sub(matched_blocks * req.block_size);
+        self.w.cache_pressure_weight * c.load.device_utilisation.clamp(0.0, 1.0) * new_tokens as f64
+    }
+
     fn credit(&self, tier: Tier, hotness: f64, block_size: usize) -> f64 {
         let weight = match tier {
             Tier::Device => self.w.device_weight,
@@ -170,6 +190,32 @@ impl HotPrefixPolicy {
         let factor = self.w.cold_floor + (1.0 - self.w.cold_floor) * hot;
         block_size as f64 * weight * factor
     }
+}
+
+/// The best score; equal scores (typically a new prefix on idle replicas, where everyone
+/// scores 0) go to the replica with the emptiest device tier, then to the one a hash of the
+/// request's first block picks (rendezvous hashing). Without this, every new prefix on an idle
+/// cluster would land on the first replica; with it, new prefixes spread and each one still
+/// lands on the same replica every time.
+fn best_with_ties_broken(
+    scores: &[Score],
+    candidates: &[Candidate],
+    req: &RouteRequest<'_>,
+) -> usize {
+    let key = req.blocks.first().map_or(0, |b| b.0);
+    let rank = |i: usize| {
+        let h = xxhash_rust::xxh3::xxh3_64_with_seed(candidates[i].id.0.as_bytes(), key);
+        (scores[i].score, -candidates[i].load.device_utilisation, h)
+    };
+    let mut best = 0;
+    for i in 1..scores.len() {
+        let (a, b) = (rank(i), rank(best));
+        let better = a.0 > b.0 || (a.0 == b.0 && (a.1 > b.1 || (a.1 == b.1 && a.2 > b.2)));
+        if better {
+            best = i;
+        }
+    }
+    best
 }
 
 impl RoutingPolicy for HotPrefixPolicy {
@@ -222,13 +268,13 @@ impl RoutingPolicy for HotPrefixPolicy {
             .enumerate()
             .map(|(i, c)| Score {
                 replica: c.id.clone(),
-                score: saved[i] - self.w.load_weight * loads[i],
+                score: saved[i] - self.w.load_weight * loads[i] - self.pressure(c, req, runs[i]),
                 matched_blocks: runs[i],
                 device_blocks: device[i],
                 load: loads[i],
             })
             .collect();
-        let best = argmax(&scores);
+        let best = best_with_ties_broken(&scores, candidates, req);
         let mut reason = if runs[best] > 0 { "prefix" } else { "load" };
         let mut chosen = best;
         if n > 1 && self.w.hot_spot_factor > 0.0 {
@@ -412,6 +458,50 @@ mod tests {
             p.route(&req(&b, 4_001), &c, &ix).scores[0].matched_blocks,
             0
         );
+    }
+
+    #[test]
+    fn new_prefixes_on_idle_replicas_spread_by_room_then_by_hash() {
+        let ix = PrefixIndex::new();
+        let p = HotPrefixPolicy::new(HotPrefixWeights {
+            recent_ms: 0,
+            ..HotPrefixWeights::default()
+        });
+        let mut c = vec![cand("a", 0), cand("b", 0), cand("c", 0)];
+        // The emptiest device tier wins a tie.
+        c[0].load.device_utilisation = 0.5;
+        c[2].load.device_utilisation = 0.5;
+        assert_eq!(p.route(&req(&blocks(4), 0), &c, &ix).chosen, 1);
+        // Equal room: the first block's hash decides, the same way every time, and different
+        // prefixes reach every replica.
+        let c = vec![cand("a", 0), cand("b", 0), cand("c", 0)];
+        let mut seen = std::collections::HashSet::new();
+        for first in 0..64u64 {
+            let b: Vec<BlockHash> = vec![BlockHash(first * 7919 + 1)];
+            let d = p.route(&req(&b, 0), &c, &ix).chosen;
+            assert_eq!(p.route(&req(&b, 0), &c, &ix).chosen, d);
+            seen.insert(d);
+        }
+        assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn a_short_shared_head_does_not_outweigh_a_fuller_cache() {
+        // Replica "a" holds the first block (a chat template's head) and is 40% full; "b" is
+        // empty. A long new prompt belongs on "b".
+        let mut ix = PrefixIndex::new();
+        hold(&mut ix, "a", &[1], Tier::Device, 5.0);
+        let p = HotPrefixPolicy::new(HotPrefixWeights::default());
+        let mut c = vec![cand("a", 0), cand("b", 0)];
+        c[0].load.device_utilisation = 0.4;
+        let b = blocks(50);
+        let d = p.route(&req(&b, 0), &c, &ix);
+        assert_eq!(d.scores[0].matched_blocks, 1);
+        assert_eq!(d.chosen, 1);
+        // A long held prefix still wins over the emptier cache.
+        let held: Vec<u64> = (1..=40).collect();
+        hold(&mut ix, "a", &held, Tier::Device, 5.0);
+        assert_eq!(p.route(&req(&b, 0), &c, &ix).chosen, 0);
     }
 
     #[test]

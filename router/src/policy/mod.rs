@@ -13,10 +13,14 @@ use serde::Serialize;
 
 use crate::cluster::{Candidate, PrefixIndex, RouteRequest};
 
+pub mod approx_tree;
+pub mod consistent_hash;
 pub mod hotprefix;
 pub mod least_load;
 pub mod round_robin;
 
+pub use approx_tree::{ApproxTreeConfig, ApproxTreePolicy};
+pub use consistent_hash::ConsistentHashPolicy;
 pub use hotprefix::{HotPrefixPolicy, HotPrefixWeights};
 pub use least_load::LeastLoadPolicy;
 pub use round_robin::RoundRobinPolicy;
@@ -87,14 +91,20 @@ pub enum PolicyKind {
     LeastLoad,
     /// Each healthy replica in turn.
     RoundRobin,
+    /// Rendezvous hashing of the session, else of the first block: affinity without state.
+    ConsistentHash,
+    /// SGLang's cache-aware policy over a tree of this router's own past decisions.
+    ApproxTree,
 }
 
 impl PolicyKind {
     /// Every policy.
-    pub const ALL: [PolicyKind; 3] = [
+    pub const ALL: [PolicyKind; 5] = [
         PolicyKind::HotPrefix,
         PolicyKind::LeastLoad,
         PolicyKind::RoundRobin,
+        PolicyKind::ConsistentHash,
+        PolicyKind::ApproxTree,
     ];
 
     /// The name used in flags and metrics.
@@ -103,6 +113,8 @@ impl PolicyKind {
             PolicyKind::HotPrefix => "hotprefix",
             PolicyKind::LeastLoad => "least-load",
             PolicyKind::RoundRobin => "round-robin",
+            PolicyKind::ConsistentHash => "consistent-hash",
+            PolicyKind::ApproxTree => "approx-tree",
         }
     }
 }
@@ -137,6 +149,20 @@ pub struct PolicyConfig {
     pub kind: PolicyKind,
     /// Weights of the `hotprefix` policy.
     pub hotprefix: HotPrefixWeights,
+    /// Settings of the `approx-tree` policy.
+    pub approx_tree: ApproxTreeConfig,
+}
+
+impl PolicyConfig {
+    /// Checks the settings of the chosen policy; the message names the policy and the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let res = match self.kind {
+            PolicyKind::HotPrefix => self.hotprefix.validate(),
+            PolicyKind::ApproxTree => self.approx_tree.validate(),
+            PolicyKind::LeastLoad | PolicyKind::RoundRobin | PolicyKind::ConsistentHash => Ok(()),
+        };
+        res.map_err(|e| format!("{}: {e}", self.kind))
+    }
 }
 
 /// Builds the configured policy.
@@ -145,6 +171,8 @@ pub fn build(cfg: &PolicyConfig) -> Box<dyn RoutingPolicy> {
         PolicyKind::HotPrefix => Box::new(HotPrefixPolicy::new(cfg.hotprefix.clone())),
         PolicyKind::LeastLoad => Box::new(LeastLoadPolicy),
         PolicyKind::RoundRobin => Box::new(RoundRobinPolicy::default()),
+        PolicyKind::ConsistentHash => Box::new(ConsistentHashPolicy),
+        PolicyKind::ApproxTree => Box::new(ApproxTreePolicy::new(cfg.approx_tree.clone())),
     }
 }
 
@@ -198,6 +226,22 @@ mod tests {
         }
         let err = "random".parse::<PolicyKind>().unwrap_err();
         assert!(err.contains("hotprefix"), "{err}");
+        assert!(err.contains("approx-tree"), "{err}");
         assert_eq!(PolicyKind::default(), PolicyKind::HotPrefix);
+    }
+
+    #[test]
+    fn the_chosen_policys_settings_are_validated() {
+        let mut cfg = PolicyConfig::default();
+        assert!(cfg.validate().is_ok());
+        cfg.approx_tree.cache_threshold = 2.0;
+        // Only the chosen policy's settings matter.
+        assert!(cfg.validate().is_ok());
+        cfg.kind = PolicyKind::ApproxTree;
+        let err = cfg.validate().unwrap_err();
+        assert!(err.starts_with("approx-tree: cache_threshold"), "{err}");
+        cfg.kind = PolicyKind::HotPrefix;
+        cfg.hotprefix.cold_floor = -1.0;
+        assert!(cfg.validate().unwrap_err().starts_with("hotprefix: "));
     }
 }

@@ -1,0 +1,63 @@
+//! `hotprefix-router`: routes OpenAI-style requests to HotPrefix engine replicas until SIGINT
+//! or SIGTERM, then lets in-flight requests finish.
+
+use anyhow::Context;
+use clap::Parser;
+use hotprefix_router::config::RouterArgs;
+use hotprefix_router::launch::launch;
+use hotprefix_router::server;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cfg = RouterArgs::parse().validate()?;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if cfg.json_logs {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let launched = launch(&cfg).context("starting the router")?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            policy = %cfg.policy.kind,
+            redis = cfg.redis.as_ref().map(|r| r.shown_url()).unwrap_or_default(),
+            replicas = cfg.replicas.len(),
+            "routing"
+        );
+        let served = server::run(listener, launched.state.clone(), shutdown_signal()).await;
+        launched.stop().await;
+        served.context("serving HTTP")
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
