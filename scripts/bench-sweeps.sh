@@ -2,6 +2,9 @@
 # Reproduces the simulator tables and plots of docs/benchmarks.md into out/sweeps/.
 # Every grid: all four policies plus the offline bound, host capacity 4x device, 3 replays per
 # point with arrivals jittered within 1 s (seeds 0, 1, 2), Llama-3.1-8B on H100 unless stated.
+# The cache-policy grids route with least-load on the replicas' exact queues
+# (--load-interval-ms 0), as the simulator did before it ran the router's policies; the routing
+# comparison at the end uses the engines' publishing intervals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p hotprefix-sim
@@ -9,6 +12,7 @@ bench=./target/release/hotprefix-bench
 conv=../shared/traces/mooncake_fast25_conversation_trace.jsonl
 syn=../shared/traces/mooncake_fast25_synthetic_trace.jsonl
 common=(--repeats 3 --jitter 1 --quiet)
+live=(--load-interval-ms 0)
 
 sweep() { # name trace replicas device-tokens time-scales [extra args]
     local name=$1 trace=$2 replicas=$3 devices=$4 scales=$5
@@ -16,7 +20,7 @@ sweep() { # name trace replicas device-tokens time-scales [extra args]
     echo "== $name" >&2
     "$bench" sweep --trace "$trace" --replicas "$replicas" --router least-load \
         --device-tokens "$devices" --host-ratio 4 --time-scale "$scales" \
-        --out "out/sweeps/$name" "${common[@]}" "$@" > "out/sweeps/$name.md"
+        --out "out/sweeps/$name" "${common[@]}" "${live[@]}" "$@" > "out/sweeps/$name.md"
 }
 mkdir -p out/sweeps
 sweep conversation-1 "$conv" 1 160000,320000,426788,1000000 0.1,0.2,0.3,0.35
@@ -46,9 +50,21 @@ echo "results in out/sweeps/" >&2
                      "--half-life-turnovers 8"; do
             # shellcheck disable=SC2086
             "$bench" sim --trace "$2" --replicas "$3" --router least-load --device-tokens "$4" \
-                --host-tokens $(($4 * 4)) --time-scale "$5" --policy hotprefix "${common[@]}" $clock |
+                --host-tokens $(($4 * 4)) --time-scale "$5" --policy hotprefix "${common[@]}" \
+                "${live[@]}" $clock |
                 awk -F'|' -v p="$1 $4 x$5" -v c="$clock" '/^\| hotprefix/ {
                     printf "| %s | %s | %s | %s | %s |\n", p, c, $8, $11, $13 }'
         done
     done
 } > out/sweeps/ablation-hotness-clock.md
+# Cluster routing (docs/benchmarks.md, "Cluster routing (simulator)"): every routing policy and
+# the shared-cache bound, cache policies hotprefix and lru, 4 and 8 replicas at two loads each
+# (the same load per replica), summaries every 1 s and load reports every 250 ms of simulated
+# time (the engines' defaults).
+for point in "4 1.2" "8 2.4" "4 0.8" "8 1.6"; do
+    set -- $point
+    echo "== routing-$1-x$2" >&2
+    "$bench" sim --trace "$conv" --replicas "$1" --time-scale "$2" --policy hotprefix,lru \
+        --router hotprefix,least-load,round-robin,consistent-hash,approx-tree,global \
+        --out "out/sweeps/routing-$1-x$2" "${common[@]}" > "out/sweeps/routing-$1-x$2.md"
+done

@@ -10,6 +10,19 @@
 //! whole load has arrived. With it, prefill starts once the first layer has arrived and the step
 //! that finishes the request's prefill cannot end before the load's end plus one layer's share of
 //! that step (the last layer's compute cannot precede its KV).
+//!
+//! Routing runs the router crate's policies on what a router would see, not on the simulator's
+//! live state: every `load_interval_ms` of simulated time each replica reports its load
+//! (waiting, running, pending prefill tokens, device use), and every `summary_interval_ms` its
+//! cache's hottest `summary_top_k` blocks, which the router merges into its prefix index as it
+//! does from Redis. Between load reports the router counts the requests it sent each replica
+//! (`in_flight`). Policies are told of every decision (`on_sent`), so those that learn from
+//! their own decisions (`hotprefix`'s recent memory, `approx-tree`) do so. Engines publish
+//! independently of arrivals, so reports are events of their own, at multiples of the interval
+//! from the first arrival; an interval of 0 refreshes right before every decision instead (an
+//! idealised router that sees the replicas' state exactly).
+//!
+//! The `global` router is a bound, not a policy: see [`RouterKind::Global`].
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -21,7 +34,16 @@ use hotprefix_cache::{
     CacheConfig, CacheStats, HotnessConfig, Lease, PolicyKind, PrefixCache, SlotId, Transfer,
     TransferCause, TransferId, TransferKind,
 };
-use hotprefix_protocol::BlockHash;
+use hotprefix_protocol::cluster::{
+    DEFAULT_SUMMARY_ENTRIES, LOAD_INTERVAL_MS, MAX_SUMMARY_ENTRIES, SUMMARY_INTERVAL_MS,
+    SummaryEntry,
+};
+use hotprefix_protocol::{BlockHash, ReplicaId};
+use hotprefix_router::cluster::{Candidate, PrefixIndex, ReplicaLoad, RouteRequest};
+use hotprefix_router::policy::{
+    self as route_policy, ApproxTreeConfig, HotPrefixWeights, PolicyConfig,
+    PolicyKind as RoutePolicy, RoutingPolicy,
+};
 use thiserror::Error;
 
 use crate::cost::{Chunk, CostModel};
@@ -30,19 +52,52 @@ use crate::trace::Trace;
 /// How arrivals are spread over replicas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RouterKind {
-    /// Replicas in turn.
-    RoundRobin,
-    /// The replica with the fewest requests waiting or running (ties: fewer pending prefill
-    /// tokens, then lowest index).
-    LeastLoad,
+    /// One of the router's policies (`hotprefix_router::policy`), the very code the router runs.
+    Policy(RoutePolicy),
+    /// The bound a router can approach: the replicas' compute (each its own engine, queue and
+    /// host link; arrivals dispatched by `least-load` on the same load reports) sharing **one**
+    /// cache with the whole cluster's capacity, device and host, as if every GPU could read
+    /// every other GPU's KV for free. Its hit ratio is what the cluster's memory could give if
+    /// routing never had to choose between a prefix and a replica; no replica ever holds a copy
+    /// of a block another holds. A request must still fit one replica's device tier.
+    Global,
 }
 
 impl RouterKind {
+    /// `hotprefix`.
+    pub const HOTPREFIX: RouterKind = RouterKind::Policy(RoutePolicy::HotPrefix);
+    /// `least-load`.
+    pub const LEAST_LOAD: RouterKind = RouterKind::Policy(RoutePolicy::LeastLoad);
+    /// `round-robin`.
+    pub const ROUND_ROBIN: RouterKind = RouterKind::Policy(RoutePolicy::RoundRobin);
+    /// `consistent-hash`.
+    pub const CONSISTENT_HASH: RouterKind = RouterKind::Policy(RoutePolicy::ConsistentHash);
+    /// `approx-tree`.
+    pub const APPROX_TREE: RouterKind = RouterKind::Policy(RoutePolicy::ApproxTree);
+
+    /// Every router, the bound last.
+    pub const ALL: [RouterKind; 6] = [
+        RouterKind::HOTPREFIX,
+        RouterKind::LEAST_LOAD,
+        RouterKind::ROUND_ROBIN,
+        RouterKind::CONSISTENT_HASH,
+        RouterKind::APPROX_TREE,
+        RouterKind::Global,
+    ];
+
     /// The command-line name.
     pub fn as_str(self) -> &'static str {
         match self {
-            RouterKind::RoundRobin => "round-robin",
-            RouterKind::LeastLoad => "least-load",
+            RouterKind::Policy(k) => k.as_str(),
+            RouterKind::Global => "global",
+        }
+    }
+
+    /// The policy that picks a replica (`least-load` for the bound).
+    fn policy(self) -> RoutePolicy {
+        match self {
+            RouterKind::Policy(k) => k,
+            RouterKind::Global => RoutePolicy::LeastLoad,
         }
     }
 }
@@ -56,12 +111,46 @@ impl fmt::Display for RouterKind {
 impl FromStr for RouterKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "round-robin" => Ok(RouterKind::RoundRobin),
-            "least-load" => Ok(RouterKind::LeastLoad),
-            other => Err(format!(
-                "unknown router {other:?}; expected round-robin or least-load"
-            )),
+        RouterKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = RouterKind::ALL.iter().map(|k| k.as_str()).collect();
+                format!("unknown router {s:?}; expected one of {}", names.join(", "))
+            })
+    }
+}
+
+/// What the simulated router sees and how its policies are set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingConfig {
+    /// Weights of the `hotprefix` routing policy.
+    pub hotprefix: HotPrefixWeights,
+    /// Settings of the `approx-tree` routing policy; its `max_blocks_per_replica` is replaced
+    /// by [`RoutingConfig::approx_tree_blocks`].
+    pub approx_tree: ApproxTreeConfig,
+    /// Blocks `approx-tree` remembers per replica. `None`: one replica's device plus host
+    /// capacity in blocks, so its memory is as large as the cache it imitates (the most
+    /// favourable size for it).
+    pub approx_tree_blocks: Option<usize>,
+    /// Simulated milliseconds between hotness summaries (0: before every decision).
+    pub summary_interval_ms: u64,
+    /// Entries per summary.
+    pub summary_top_k: usize,
+    /// Simulated milliseconds between load reports (0: before every decision).
+    pub load_interval_ms: u64,
+}
+
+impl Default for RoutingConfig {
+    /// The engines' publishing defaults (`hotprefix_protocol::cluster`) and the policies'.
+    fn default() -> Self {
+        RoutingConfig {
+            hotprefix: HotPrefixWeights::default(),
+            approx_tree: ApproxTreeConfig::default(),
+            approx_tree_blocks: None,
+            summary_interval_ms: SUMMARY_INTERVAL_MS,
+            summary_top_k: DEFAULT_SUMMARY_ENTRIES,
+            load_interval_ms: LOAD_INTERVAL_MS,
         }
     }
 }
@@ -77,6 +166,8 @@ pub struct SimConfig {
     pub replicas: u32,
     /// Routing across replicas.
     pub router: RouterKind,
+    /// What the router sees and its policies' settings.
+    pub routing: RoutingConfig,
     /// Timing model.
     pub cost: CostModel,
     /// Device KV capacity per replica, tokens.
@@ -189,6 +280,10 @@ enum EvKind {
     StepEnd(usize),
     Wake(usize),
     TransferDone(usize, TransferId),
+    /// Every replica publishes its load (the `k`-th report since the first arrival).
+    LoadReport(u64),
+    /// Every replica publishes its hotness summary (the `k`-th).
+    Summary(u64),
 }
 
 #[derive(Debug)]
@@ -238,9 +333,21 @@ enum Work {
     Decode,
 }
 
+/// A prefix cache and the copies in flight on it: one per replica, or one for all under the
+/// `global` bound.
+#[derive(Debug)]
+struct Pool {
+    cache: PrefixCache,
+    /// Loads in flight: (start, end) on the host link of the replica that planned them.
+    loads: HashMap<TransferId, (f64, f64)>,
+    /// Replicas that use it.
+    replicas: Vec<usize>,
+}
+
 #[derive(Debug)]
 struct Replica {
-    cache: PrefixCache,
+    /// Its cache, in `Sim::pools`.
+    pool: usize,
     waiting: VecDeque<usize>,
     running: Vec<Run>,
     step: Vec<(usize, Work)>,
@@ -250,20 +357,35 @@ struct Replica {
     h2d_free: f64,
     h2d_background_free: f64,
     d2h_free: f64,
-    loads: HashMap<TransferId, (f64, f64)>,
-    pending_prefill: u64,
     /// How many requests at the front of `waiting` have been hinted to the cache.
     hinted: usize,
+}
+
+/// The simulated router: a policy and what it knows of the replicas.
+#[derive(Debug)]
+struct Router {
+    policy: Box<dyn RoutingPolicy>,
+    /// One per replica, in replica order; loads as of the last report plus `in_flight`.
+    candidates: Vec<Candidate>,
+    /// Merged summaries; kept only for a policy that reads them.
+    index: PrefixIndex,
+    reads_summaries: bool,
+    /// First arrival, seconds: reports are taken at multiples of their interval from it.
+    start_s: f64,
+    /// Last arrival, seconds: no report is taken after it.
+    end_s: f64,
 }
 
 struct Sim<'a> {
     trace: &'a Trace,
     hashes: Vec<Vec<BlockHash>>,
     cfg: &'a SimConfig,
+    pools: Vec<Pool>,
     reps: Vec<Replica>,
+    /// `None` with a single replica: nothing to choose.
+    router: Option<Router>,
     events: BinaryHeap<Ev>,
     seq: u64,
-    rr: usize,
     block_tokens: u64,
     device_blocks: u64,
     res: SimResult,
@@ -301,18 +423,33 @@ pub fn simulate(
         u32::try_from(b)
             .map_err(|_| SimError::Invalid(format!("{what} capacity of {b} blocks is too large")))
     };
+    // The bound pools every replica's capacity into one cache.
+    let (n_pools, scale) = match cfg.router {
+        RouterKind::Global => (1, u64::from(cfg.replicas)),
+        RouterKind::Policy(_) => (cfg.replicas as usize, 1),
+    };
     let mut cache_cfg = CacheConfig::new(
         cfg.policy,
         block_tokens as usize,
         block_tokens * cfg.cost.model.kv_bytes_per_token,
-        to_u32(device_blocks, "device")?,
-        to_u32(host_blocks, "host")?,
+        to_u32(device_blocks.saturating_mul(scale), "device")?,
+        to_u32(host_blocks.saturating_mul(scale), "host")?,
     );
     cache_cfg.hotness = cfg.hotness.clone();
-    let mut reps = Vec::with_capacity(cfg.replicas as usize);
-    for _ in 0..cfg.replicas {
-        reps.push(Replica {
+    let mut pools = Vec::with_capacity(n_pools);
+    for _ in 0..n_pools {
+        pools.push(Pool {
             cache: PrefixCache::new(cache_cfg.clone())?,
+            loads: HashMap::new(),
+            replicas: Vec::new(),
+        });
+    }
+    let mut reps = Vec::with_capacity(cfg.replicas as usize);
+    for r in 0..cfg.replicas as usize {
+        let pool = r % n_pools;
+        pools[pool].replicas.push(r);
+        reps.push(Replica {
+            pool,
             waiting: VecDeque::new(),
             running: Vec::new(),
             step: Vec::new(),
@@ -322,11 +459,14 @@ pub fn simulate(
             h2d_free: 0.0,
             h2d_background_free: 0.0,
             d2h_free: 0.0,
-            loads: HashMap::new(),
-            pending_prefill: 0,
             hinted: 0,
         });
     }
+    let router = if cfg.replicas > 1 {
+        Some(new_router(trace, cfg, device_blocks + host_blocks)?)
+    } else {
+        None
+    };
     let started = Instant::now();
     let mut sim = Sim {
         trace,
@@ -336,10 +476,11 @@ pub fn simulate(
             .map(|r| r.blocks.iter().map(|&b| BlockHash(b)).collect())
             .collect(),
         cfg,
+        pools,
         reps,
+        router,
         events: BinaryHeap::new(),
         seq: 0,
-        rr: 0,
         block_tokens,
         device_blocks,
         res: SimResult::default(),
@@ -350,6 +491,17 @@ pub fn simulate(
     };
     for (i, r) in trace.requests.iter().enumerate() {
         sim.push(r.arrival_s, EvKind::Arrival(i));
+    }
+    // Reports start with the first arrival; each schedules the next.
+    if let Some(rt) = &sim.router {
+        let start = rt.start_s;
+        let summaries = rt.reads_summaries;
+        if cfg.routing.load_interval_ms > 0 {
+            sim.push(start, EvKind::LoadReport(0));
+        }
+        if summaries && cfg.routing.summary_interval_ms > 0 {
+            sim.push(start, EvKind::Summary(0));
+        }
     }
     sim.run();
     let requests = trace.requests.len() as u64;
@@ -366,11 +518,59 @@ pub fn simulate(
     res.e2e_mean_s = sim.e2e_sum / n;
     let first = trace.requests.first().map_or(0.0, |r| r.arrival_s);
     res.makespan_s = (sim.last_finish - first).max(0.0);
-    for r in &sim.reps {
-        res.cache.add(r.cache.stats());
+    for p in &sim.pools {
+        res.cache.add(p.cache.stats());
     }
     res.wall_s = started.elapsed().as_secs_f64();
     Ok(res)
+}
+
+/// The router for `cfg`: its policy, a candidate per replica (ids `replica-0`, ...), an empty
+/// index. `replica_blocks` is one replica's device plus host capacity in blocks.
+fn new_router(trace: &Trace, cfg: &SimConfig, replica_blocks: u64) -> Result<Router, SimError> {
+    let rc = &cfg.routing;
+    if rc.summary_top_k == 0 || rc.summary_top_k > MAX_SUMMARY_ENTRIES {
+        return Err(SimError::Invalid(format!(
+            "summary top-K must be in 1..={MAX_SUMMARY_ENTRIES} (what routers accept), got {}",
+            rc.summary_top_k
+        )));
+    }
+    let mut approx_tree = rc.approx_tree.clone();
+    approx_tree.max_blocks_per_replica = match rc.approx_tree_blocks {
+        Some(b) => b,
+        None => usize::try_from(replica_blocks).unwrap_or(usize::MAX).max(1),
+    };
+    let policy_cfg = PolicyConfig {
+        kind: cfg.router.policy(),
+        hotprefix: rc.hotprefix.clone(),
+        approx_tree,
+    };
+    policy_cfg.validate().map_err(SimError::Invalid)?;
+    let kind = policy_cfg.kind;
+    Ok(Router {
+        policy: route_policy::build(&policy_cfg),
+        candidates: (0..cfg.replicas)
+            .map(|r| Candidate {
+                id: ReplicaId(format!("replica-{r}")),
+                load: ReplicaLoad::default(),
+            })
+            .collect(),
+        index: PrefixIndex::new(),
+        // Only `hotprefix` reads summaries; the rest would pay for building them and ignore it.
+        reads_summaries: kind == RoutePolicy::HotPrefix,
+        start_s: trace
+            .requests
+            .iter()
+            .map(|r| r.arrival_s)
+            .reduce(f64::min)
+            .unwrap_or(0.0),
+        end_s: trace
+            .requests
+            .iter()
+            .map(|r| r.arrival_s)
+            .reduce(f64::max)
+            .unwrap_or(0.0),
+    })
 }
 
 impl Sim<'_> {
@@ -388,16 +588,19 @@ impl Sim<'_> {
             let now = ev.t;
             match ev.kind {
                 EvKind::Arrival(q) => {
-                    let r = self.route(q);
+                    let r = self.route(q, now);
                     self.reps[r].waiting.push_back(q);
-                    self.reps[r].pending_prefill += u64::from(self.trace.requests[q].input_tokens);
                     if !self.reps[r].busy {
                         self.plan(r, now);
                     }
                 }
                 EvKind::StepEnd(r) => {
-                    self.finish_step(r, now);
+                    let freed = self.finish_step(r, now);
                     self.plan(r, now);
+                    if freed {
+                        // Memory came back to a cache other replicas may share and wait on.
+                        self.wake_pool(self.reps[r].pool, Some(r), now);
+                    }
                 }
                 EvKind::Wake(r) => {
                     if !self.reps[r].busy && self.reps[r].wake_at == Some(now) {
@@ -405,38 +608,124 @@ impl Sim<'_> {
                     }
                 }
                 EvKind::TransferDone(r, id) => {
-                    self.reps[r].cache.complete_transfer(id);
-                    self.reps[r].loads.remove(&id);
+                    let p = self.reps[r].pool;
+                    self.pools[p].cache.complete_transfer(id);
+                    self.pools[p].loads.remove(&id);
                     // Finished copies can make blocks evictable again (a load's destination,
                     // a write-through's source): a blocked admission may fit now.
-                    self.reps[r].blocked = false;
-                    if !self.reps[r].busy {
-                        self.plan(r, now);
-                    }
+                    self.wake_pool(p, None, now);
+                }
+                EvKind::LoadReport(k) => {
+                    self.refresh_loads();
+                    self.next_report(k, self.cfg.routing.load_interval_ms, EvKind::LoadReport);
+                }
+                EvKind::Summary(k) => {
+                    self.refresh_summaries(now);
+                    self.next_report(k, self.cfg.routing.summary_interval_ms, EvKind::Summary);
                 }
             }
         }
     }
 
-    fn route(&mut self, _q: usize) -> usize {
-        let n = self.reps.len();
-        match self.cfg.router {
-            RouterKind::RoundRobin => {
-                let r = self.rr % n;
-                self.rr += 1;
-                r
+    /// Unblocks every replica of cache `p` but `except` and plans the idle ones.
+    fn wake_pool(&mut self, p: usize, except: Option<usize>, now: f64) {
+        for i in 0..self.pools[p].replicas.len() {
+            let r = self.pools[p].replicas[i];
+            if Some(r) == except {
+                continue;
             }
-            RouterKind::LeastLoad => (0..n)
-                .min_by_key(|&i| {
-                    let rep = &self.reps[i];
-                    (
-                        rep.waiting.len() + rep.running.len(),
-                        rep.pending_prefill,
-                        i,
-                    )
-                })
-                .unwrap_or(0),
+            self.reps[r].blocked = false;
+            if !self.reps[r].busy {
+                self.plan(r, now);
+            }
         }
+    }
+
+    /// Schedules report `k + 1`, unless it would come after the last arrival (nothing is
+    /// routed after it, and the simulation must run out of events).
+    fn next_report(&mut self, k: u64, interval_ms: u64, kind: fn(u64) -> EvKind) {
+        let Some(rt) = &self.router else { return };
+        let t = rt.start_s + (k + 1) as f64 * interval_ms as f64 / 1000.0;
+        if t <= rt.end_s {
+            self.push(t, kind(k + 1));
+        }
+    }
+
+    /// Every replica's load report, as an engine publishes it; resets the router's count of
+    /// requests sent since the last report.
+    fn refresh_loads(&mut self) {
+        let Some(rt) = &mut self.router else { return };
+        for (c, rep) in rt.candidates.iter_mut().zip(&self.reps) {
+            let u = self.pools[rep.pool].cache.usage();
+            let cap = f64::from(u.device_capacity).max(1.0);
+            // As the engine counts it (`Scheduler::pending_prefill_tokens`): every prompt token
+            // of a queued request, and what admitted requests still have to compute (their
+            // cached prefix is not pending work).
+            let queued: u64 = rep
+                .waiting
+                .iter()
+                .map(|&q| u64::from(self.trace.requests[q].input_tokens))
+                .sum();
+            let admitted: u64 = rep.running.iter().map(|run| run.prefill_left).sum();
+            c.load = ReplicaLoad {
+                waiting: u32::try_from(rep.waiting.len()).unwrap_or(u32::MAX),
+                running: u32::try_from(rep.running.len()).unwrap_or(u32::MAX),
+                pending_prefill_tokens: queued + admitted,
+                device_utilisation: (cap - u.device_free as f64) / cap,
+                in_flight: 0,
+            };
+        }
+    }
+
+    /// Every replica's hotness summary, merged into the router's index.
+    fn refresh_summaries(&mut self, now: f64) {
+        let Some(rt) = &mut self.router else { return };
+        if !rt.reads_summaries {
+            return;
+        }
+        let top_k = self.cfg.routing.summary_top_k;
+        for (c, rep) in rt.candidates.iter().zip(&self.reps) {
+            let entries: Vec<SummaryEntry> = self.pools[rep.pool]
+                .cache
+                .summary(top_k, now)
+                .into_iter()
+                .map(|e| SummaryEntry {
+                    hash: e.hash,
+                    tier: e.tier,
+                    hotness: e.hotness as f32,
+                    depth: u32::try_from(e.depth).unwrap_or(u32::MAX),
+                })
+                .collect();
+            rt.index.set_summary(&c.id, &entries);
+        }
+    }
+
+    /// Picks a replica for request `q` with the configured policy, on what the router knows.
+    fn route(&mut self, q: usize, now: f64) -> usize {
+        if self.router.is_none() {
+            return 0;
+        }
+        if self.cfg.routing.load_interval_ms == 0 {
+            self.refresh_loads();
+        }
+        if self.cfg.routing.summary_interval_ms == 0 {
+            self.refresh_summaries(now);
+        }
+        let Some(rt) = &mut self.router else { return 0 };
+        let req = RouteRequest {
+            blocks: &self.hashes[q],
+            block_size: self.block_tokens as usize,
+            prompt_tokens: self.trace.requests[q].input_tokens as usize,
+            // Traces carry no session ids: `consistent-hash` keys by the first block.
+            session: None,
+            // The policies' clock is simulated time, so their memory expires as it would live.
+            now_ms: (now.max(0.0) * 1000.0) as u64,
+        };
+        let d = rt.policy.route(&req, &rt.candidates, &rt.index);
+        let r = d.chosen.min(rt.candidates.len() - 1);
+        rt.policy.on_sent(&req, &rt.candidates[r].id);
+        rt.candidates[r].load.in_flight += 1;
+        r
     }
 
     /// Puts the cache's planned copies on the host link queues. Loads a request waits on
@@ -446,8 +735,11 @@ impl Sim<'_> {
     /// already in flight when a hit load starts beside it, which flatters promotion (opt-in)
     /// slightly. Stores use the other direction's link.
     fn schedule_transfers(&mut self, r: usize, now: f64) {
-        let transfers: Vec<Transfer> = self.reps[r].cache.take_transfers();
-        let block_bytes = self.reps[r].cache.config().block_bytes;
+        // Under the bound several replicas share the cache: a copy goes over the link of the
+        // replica whose request or tick planned it (each takes the plans right after its call).
+        let p = self.reps[r].pool;
+        let transfers: Vec<Transfer> = self.pools[p].cache.take_transfers();
+        let block_bytes = self.pools[p].cache.config().block_bytes;
         for t in transfers {
             let dur = self
                 .cfg
@@ -472,7 +764,7 @@ impl Sim<'_> {
                 }
             };
             if t.kind == TransferKind::Load {
-                rep.loads.insert(t.id, (start, end));
+                self.pools[p].loads.insert(t.id, (start, end));
             }
             self.push(end, EvKind::TransferDone(r, t.id));
         }
@@ -494,13 +786,13 @@ impl Sim<'_> {
             if total_blocks > self.device_blocks {
                 self.reps[r].waiting.pop_front();
                 self.reps[r].hinted = self.reps[r].hinted.saturating_sub(1);
-                self.reps[r].pending_prefill -= input;
                 self.res.refused += 1;
                 continue;
             }
             // Ask first, so a request that cannot be admitted yet leaves no trace in the cache
             // (no hotness counted, no load started, no eviction) before it is tried again.
-            let cache = &self.reps[r].cache;
+            let p = self.reps[r].pool;
+            let cache = &self.pools[p].cache;
             let peek = cache.peek(&self.hashes[q]);
             let new_blocks = total_blocks as usize - peek.device_blocks - peek.host_blocks;
             if !cache.fits(&self.hashes[q], new_blocks) {
@@ -508,16 +800,16 @@ impl Sim<'_> {
                 self.reps[r].blocked = true;
                 break;
             }
-            let m = self.reps[r]
+            let m = self.pools[p]
                 .cache
                 .match_hashes(&self.hashes[q], input as usize, now);
             self.schedule_transfers(r, now);
             let need = total_blocks as usize - m.blocks();
-            let owned = match self.reps[r].cache.allocate(need, now) {
+            let owned = match self.pools[p].cache.allocate(need, now) {
                 Ok(s) => s,
                 Err(_) => {
                     // `fits` said yes, so this does not happen; stay safe if it ever does.
-                    self.reps[r].cache.release(m.lease);
+                    self.pools[p].cache.release(m.lease);
                     self.reps[r].blocked = true;
                     break;
                 }
@@ -528,11 +820,12 @@ impl Sim<'_> {
             rep.hinted = rep.hinted.saturating_sub(1);
             // Wait for every load on the path: this match's, and any another request or a
             // promotion started (those already finished are no longer in `loads`).
-            let waits: Vec<(f64, f64)> = rep
+            let pool = &self.pools[p];
+            let waits: Vec<(f64, f64)> = pool
                 .cache
                 .lease_transfers(&m.lease)
                 .iter()
-                .filter_map(|t| rep.loads.get(t).copied())
+                .filter_map(|t| pool.loads.get(t).copied())
                 .collect();
             let load_start = waits.iter().map(|w| w.0).reduce(f64::min).unwrap_or(now);
             let load_end = waits.iter().map(|w| w.1).fold(now, f64::max);
@@ -563,14 +856,15 @@ impl Sim<'_> {
     }
 
     fn plan(&mut self, r: usize, now: f64) {
-        self.reps[r].cache.tick(now);
+        let p = self.reps[r].pool;
+        self.pools[p].cache.tick(now);
         self.schedule_transfers(r, now);
         self.admit(r, now);
         // Requests that could not be admitted now will be: tell the cache once per request, as
         // an engine's scheduler would after each scheduling pass.
         let rep = &mut self.reps[r];
         for &q in rep.waiting.iter().skip(rep.hinted) {
-            rep.cache.hint_queued(&self.hashes[q], now);
+            self.pools[p].cache.hint_queued(&self.hashes[q], now);
         }
         rep.hinted = rep.waiting.len();
         let rep = &mut self.reps[r];
@@ -627,7 +921,8 @@ impl Sim<'_> {
         self.push(end, EvKind::StepEnd(r));
     }
 
-    fn finish_step(&mut self, r: usize, now: f64) {
+    /// Ends replica `r`'s step; true when requests finished (and gave memory back).
+    fn finish_step(&mut self, r: usize, now: f64) -> bool {
         let step = std::mem::take(&mut self.reps[r].step);
         let trace = self.trace;
         let mut finished = 0;
@@ -641,7 +936,6 @@ impl Sim<'_> {
                     run.prefill_left -= n;
                     run.context += n;
                     if run.prefill_left == 0 {
-                        rep.pending_prefill -= u64::from(req.input_tokens);
                         run.generated = 1;
                         self.res.ttft_s.push(now - req.arrival_s);
                         self.insert_prompt(r, i, now);
@@ -660,14 +954,15 @@ impl Sim<'_> {
         }
         if finished > 0 {
             let rep = &mut self.reps[r];
+            let cache = &mut self.pools[rep.pool].cache;
             let mut i = 0;
             while i < rep.running.len() {
                 let run = &rep.running[i];
                 let req = &trace.requests[run.req];
                 if run.prefill_left == 0 && run.generated >= req.output_tokens.max(1) {
                     let run = rep.running.swap_remove(i);
-                    rep.cache.release(run.lease);
-                    let freed = rep.cache.free(run.owned);
+                    cache.release(run.lease);
+                    let freed = cache.free(run.owned);
                     debug_assert!(freed.is_ok(), "the simulator frees only slots it holds");
                     self.res.completed += 1;
                     self.res.output_tokens += u64::from(run.generated);
@@ -685,11 +980,13 @@ impl Sim<'_> {
             }
         }
         self.schedule_transfers(r, now);
+        finished > 0
     }
 
     /// Hands the request's computed prompt blocks to the cache.
     fn insert_prompt(&mut self, r: usize, i: usize, now: f64) {
         let rep = &mut self.reps[r];
+        let cache = &mut self.pools[rep.pool].cache;
         let run = &mut rep.running[i];
         let lease = &mut run.lease;
         let hashes = &self.hashes[run.req];
@@ -698,10 +995,7 @@ impl Sim<'_> {
             return;
         }
         let n = hashes.len() - start;
-        if let Ok(ins) = rep
-            .cache
-            .insert(lease, &hashes[start..], &run.owned[..n], now)
-        {
+        if let Ok(ins) = cache.insert(lease, &hashes[start..], &run.owned[..n], now) {
             run.owned.drain(..ins.merged);
         }
     }
@@ -718,7 +1012,8 @@ mod tests {
             policy,
             hotness: HotnessConfig::default(),
             replicas: 1,
-            router: RouterKind::RoundRobin,
+            router: RouterKind::ROUND_ROBIN,
+            routing: RoutingConfig::default(),
             cost: CostModel::new(ModelSpec::LLAMA_3_1_8B, GpuSpec::H100),
             device_tokens,
             host_tokens,
@@ -877,7 +1172,7 @@ mod tests {
         let reqs: Vec<_> = (0..8).map(|i| req(0.0, &[i], 100)).collect();
         let mut c = cfg(PolicyKind::Lru, 100_000, 0);
         c.replicas = 4;
-        c.router = RouterKind::LeastLoad;
+        c.router = RouterKind::LEAST_LOAD;
         let spread = simulate(&trace(reqs.clone()), &c, None).unwrap();
         c.replicas = 1;
         let single = simulate(&trace(reqs), &c, None).unwrap();
@@ -886,9 +1181,143 @@ mod tests {
 
     #[test]
     fn router_names_round_trip() {
-        for r in [RouterKind::RoundRobin, RouterKind::LeastLoad] {
+        for r in RouterKind::ALL {
             assert_eq!(r.as_str().parse::<RouterKind>().unwrap(), r);
         }
-        assert!("random".parse::<RouterKind>().is_err());
+        assert_eq!(
+            "round-robin".parse::<RouterKind>().unwrap(),
+            RouterKind::ROUND_ROBIN
+        );
+        assert_eq!(
+            "least-load".parse::<RouterKind>().unwrap(),
+            RouterKind::LEAST_LOAD
+        );
+        let err = "random".parse::<RouterKind>().unwrap_err();
+        assert!(
+            err.contains("unknown router") && err.contains("global"),
+            "{err}"
+        );
+    }
+
+    /// 8 system prompts of 8 blocks, 16 questions each, 8 requests a second.
+    fn shared_prefix_workload() -> Trace {
+        crate::workload::GeneratedSharedPrefix {
+            groups: 8,
+            prompts_per_group: 16,
+            system_prompt_tokens: 4096,
+            question_tokens: 128,
+            output_tokens: 32,
+            request_rate: 8.0,
+            seed: 7,
+        }
+        .generate()
+        .unwrap()
+    }
+
+    fn run_router(t: &Trace, router: RouterKind, replicas: u32) -> SimResult {
+        let mut c = cfg(PolicyKind::Lru, 40 * 512, 0);
+        c.replicas = replicas;
+        c.router = router;
+        let res = simulate(t, &c, None).unwrap();
+        assert_eq!(res.completed, t.requests.len() as u64, "{router}");
+        res
+    }
+
+    #[test]
+    fn hotprefix_routing_hits_more_than_round_robin() {
+        // Each replica's device holds 5 of the 8 prefixes. Round robin sends every prefix to
+        // every replica, which computes it (and evicts others); hotprefix keeps each prefix
+        // where it was computed.
+        let t = shared_prefix_workload();
+        let rr = run_router(&t, RouterKind::ROUND_ROBIN, 4);
+        let hp = run_router(&t, RouterKind::HOTPREFIX, 4);
+        assert!(
+            hp.hit_ratio() > rr.hit_ratio() + 0.1,
+            "hotprefix {} round-robin {}",
+            hp.hit_ratio(),
+            rr.hit_ratio()
+        );
+        assert!(hp.ttft_mean() < rr.ttft_mean());
+    }
+
+    #[test]
+    fn every_router_completes_and_the_bound_hits_most() {
+        let t = shared_prefix_workload();
+        let hits: Vec<(RouterKind, f64)> = RouterKind::ALL
+            .into_iter()
+            .map(|r| (r, run_router(&t, r, 4).hit_ratio()))
+            .collect();
+        let global = hits[hits.len() - 1].1;
+        // One shared cache of 4 x 40 blocks holds every prefix: only the first request of each
+        // group misses it (a prefix is 8 of a request's 9 blocks).
+        assert!(global > 0.8, "{hits:?}");
+        // Not a strict bound: a request arriving while its prefix is still being computed
+        // misses it, and the bound's least-load dispatch starts such requests on other
+        // replicas while an affine router queues them behind the first.
+        for &(r, h) in &hits {
+            assert!(h <= global + 0.02, "{r} beats the bound: {hits:?}");
+        }
+        // Prefix-affine routers keep a group on one replica.
+        for (r, h) in &hits[..] {
+            if matches!(
+                *r,
+                RouterKind::HOTPREFIX | RouterKind::CONSISTENT_HASH | RouterKind::APPROX_TREE
+            ) {
+                assert!(*h > 0.7, "{r}: {hits:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_bound_shares_one_cache_between_replicas() {
+        // The second request arrives while the first replica is decoding the first: least-load
+        // sends it to the idle replica, which only the shared cache lets hit.
+        let t = trace(vec![
+            req(0.0, &[1, 2, 3, 4], 2000),
+            req(1.0, &[1, 2, 3, 4], 2),
+        ]);
+        let own = run_router(&t, RouterKind::LEAST_LOAD, 2);
+        let shared = run_router(&t, RouterKind::Global, 2);
+        assert_eq!(own.device_hit_tokens, 0);
+        assert_eq!(shared.device_hit_tokens, 2048);
+    }
+
+    #[test]
+    fn the_router_counts_what_it_sent_between_load_reports() {
+        // A burst at one instant sees the same report: only `in_flight` spreads it.
+        let reqs: Vec<_> = (0..8).map(|i| req(0.0, &[100 + i], 100)).collect();
+        let mut c = cfg(PolicyKind::Lru, 100_000, 0);
+        c.replicas = 4;
+        c.router = RouterKind::LEAST_LOAD;
+        c.routing.load_interval_ms = 60_000;
+        let spread = simulate(&trace(reqs.clone()), &c, None).unwrap();
+        // Round robin spreads it too, so the makespans match; one replica alone is slower.
+        c.router = RouterKind::ROUND_ROBIN;
+        let rr = simulate(&trace(reqs.clone()), &c, None).unwrap();
+        assert!((spread.makespan_s - rr.makespan_s).abs() < 1e-9);
+        c.replicas = 1;
+        let single = simulate(&trace(reqs), &c, None).unwrap();
+        assert!(spread.makespan_s < single.makespan_s);
+    }
+
+    #[test]
+    fn routing_settings_are_checked() {
+        let t = shared_prefix_workload();
+        let mut c = cfg(PolicyKind::Lru, 40 * 512, 0);
+        c.replicas = 2;
+        c.router = RouterKind::HOTPREFIX;
+        c.routing.summary_top_k = 0;
+        assert!(matches!(simulate(&t, &c, None), Err(SimError::Invalid(_))));
+        c.routing.summary_top_k = 16;
+        c.routing.hotprefix.cold_floor = 2.0;
+        let err = simulate(&t, &c, None).unwrap_err().to_string();
+        assert!(err.contains("hotprefix: cold_floor"), "{err}");
+        // Live summaries and loads (interval 0) work too.
+        c.routing = RoutingConfig {
+            summary_interval_ms: 0,
+            load_interval_ms: 0,
+            ..RoutingConfig::default()
+        };
+        assert!(simulate(&t, &c, None).unwrap().hit_ratio() > 0.7);
     }
 }

@@ -7,7 +7,10 @@ use std::sync::Mutex;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use hotprefix_cache::{HotnessConfig, PolicyKind};
-use hotprefix_sim::cluster::{RouterKind, SimConfig, SimResult, simulate};
+use hotprefix_protocol::cluster::{
+    DEFAULT_SUMMARY_ENTRIES, LOAD_INTERVAL_MS, MAX_SUMMARY_ENTRIES, SUMMARY_INTERVAL_MS,
+};
+use hotprefix_sim::cluster::{RouterKind, RoutingConfig, SimConfig, SimResult, simulate};
 use hotprefix_sim::cost::{CostModel, GpuSpec, ModelSpec};
 use hotprefix_sim::load::{
     Arrival, ClientOptions, LoadReport, LoadSetup, Popularity, RunOptions, SharedPrefixLoad,
@@ -83,9 +86,27 @@ struct Common {
     /// Engine replicas.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     replicas: u32,
-    /// Routing across replicas: round-robin or least-load.
-    #[arg(long, default_value = "round-robin")]
-    router: RouterKind,
+    /// Comma-separated routing policies across replicas (`sim` runs each; `sweep` takes one):
+    /// hotprefix, least-load, round-robin, consistent-hash, approx-tree (the router's own
+    /// policies), or global (the bound: the replicas' compute sharing one cache of the whole
+    /// cluster's capacity, least-load dispatch).
+    #[arg(long, value_delimiter = ',', default_value = "round-robin")]
+    router: Vec<RouterKind>,
+    /// Simulated milliseconds between the replicas' hotness summaries, which the `hotprefix`
+    /// router reads (0: a fresh summary before every decision, slow).
+    #[arg(long, default_value_t = SUMMARY_INTERVAL_MS)]
+    summary_interval_ms: u64,
+    /// Entries (blocks) per hotness summary.
+    #[arg(long, default_value_t = DEFAULT_SUMMARY_ENTRIES)]
+    summary_top_k: usize,
+    /// Simulated milliseconds between the replicas' load reports (0: the router sees every
+    /// replica's queue exactly at every decision).
+    #[arg(long, default_value_t = LOAD_INTERVAL_MS)]
+    load_interval_ms: u64,
+    /// Blocks the `approx-tree` router remembers per replica (default: one replica's device
+    /// plus host capacity in blocks).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    approx_tree_blocks: Option<u64>,
     /// Model preset: llama-3.1-8b or qwen2.5-7b.
     #[arg(long, default_value = "llama-3.1-8b")]
     model: ModelSpec,
@@ -233,6 +254,7 @@ fn check_scale(f: f64) -> Result<()> {
 #[derive(Clone, Copy, Debug)]
 struct Point {
     policy: PolicyArg,
+    router: RouterKind,
     device_tokens: u64,
     host_tokens: u64,
     time_scale: f64,
@@ -259,7 +281,16 @@ fn sim_config(c: &Common, p: &Point) -> SimConfig {
         },
         hotness,
         replicas: c.replicas,
-        router: c.router,
+        router: p.router,
+        routing: RoutingConfig {
+            summary_interval_ms: c.summary_interval_ms,
+            summary_top_k: c.summary_top_k,
+            load_interval_ms: c.load_interval_ms,
+            approx_tree_blocks: c
+                .approx_tree_blocks
+                .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+            ..RoutingConfig::default()
+        },
         cost,
         device_tokens: p.device_tokens,
         host_tokens: p.host_tokens,
@@ -311,7 +342,7 @@ fn run_point(c: &Common, trace: &Trace, p: &Point, progress: &dyn Fn(u64)) -> Re
     let cfg = sim_config(c, p);
     let mut row = ResultRow {
         policy: p.policy.name().to_string(),
-        router: c.router.to_string(),
+        router: p.router.to_string(),
         replicas: c.replicas,
         device_tokens: p.device_tokens,
         host_tokens: p.host_tokens,
@@ -452,6 +483,12 @@ fn check_common(c: &Common) -> Result<()> {
             c.half_life
         );
     }
+    if !(1..=MAX_SUMMARY_ENTRIES).contains(&c.summary_top_k) {
+        bail!(
+            "--summary-top-k must be in 1..={MAX_SUMMARY_ENTRIES} (what routers accept), got {}",
+            c.summary_top_k
+        );
+    }
     Ok(())
 }
 
@@ -464,17 +501,22 @@ fn cmd_sim(a: SimArgs) -> Result<()> {
         .device_tokens
         .unwrap_or_else(|| cost.default_device_tokens());
     let host_tokens = a.host_tokens.unwrap_or(device_tokens.saturating_mul(4));
-    let points: Vec<Point> = a
-        .common
-        .policy
-        .iter()
-        .map(|&policy| Point {
-            policy,
-            device_tokens,
-            host_tokens,
-            time_scale: a.time_scale,
-        })
-        .collect();
+    let mut points = Vec::new();
+    for (i, &router) in a.common.router.iter().enumerate() {
+        for &policy in &a.common.policy {
+            // The offline bound ignores routing: compute it once.
+            if policy == PolicyArg::Optimal && i > 0 {
+                continue;
+            }
+            points.push(Point {
+                policy,
+                router,
+                device_tokens,
+                host_tokens,
+                time_scale: a.time_scale,
+            });
+        }
+    }
     let rows = run_grid(&a.common, &trace, &points)?;
     print_header(
         &trace,
@@ -487,7 +529,7 @@ fn cmd_sim(a: SimArgs) -> Result<()> {
     print!("{}", markdown_table(&rows));
     if let Some(out) = &a.common.out {
         write_results(out, &rows)?;
-        plot_policies(out, &rows)?;
+        plot_policies(out, &rows, a.common.router.len() > 1)?;
         eprintln!("wrote {}", out.join("results.csv").display());
     }
     Ok(())
@@ -495,6 +537,7 @@ fn cmd_sim(a: SimArgs) -> Result<()> {
 
 /// The line above a results table: what was replayed, on what, how.
 fn print_header(trace: &Trace, c: &Common, setup: &str) {
+    let routers: Vec<&str> = c.router.iter().map(|r| r.as_str()).collect();
     println!(
         "trace {} ({} requests), {} x {} on {}, router {}, {setup}\n",
         trace.name,
@@ -502,7 +545,7 @@ fn print_header(trace: &Trace, c: &Common, setup: &str) {
         c.replicas,
         c.model.name,
         c.gpu.name,
-        c.router,
+        routers.join(","),
     );
 }
 
@@ -512,10 +555,18 @@ fn write_results(out: &Path, rows: &[ResultRow]) -> Result<()> {
     Ok(())
 }
 
-/// Bar charts comparing the policies of one grid point.
-fn plot_policies(out: &Path, rows: &[ResultRow]) -> Result<()> {
+/// Bar charts comparing the policies of one grid point; with several routers each bar is
+/// named by router and policy.
+fn plot_policies(out: &Path, rows: &[ResultRow], by_router: bool) -> Result<()> {
     let sim_rows: Vec<&ResultRow> = rows.iter().filter(|r| r.policy != "optimal").collect();
-    let cats: Vec<String> = rows.iter().map(|r| r.policy.clone()).collect();
+    let label = |r: &ResultRow| {
+        if by_router && r.policy != "optimal" {
+            format!("{} / {}", r.router, r.policy)
+        } else {
+            r.policy.clone()
+        }
+    };
+    let cats: Vec<String> = rows.iter().map(label).collect();
     let hit = |f: fn(&ResultRow) -> f64| {
         rows.iter()
             .map(|r| if f(r).is_nan() { 0.0 } else { f(r) })
@@ -535,7 +586,7 @@ fn plot_policies(out: &Path, rows: &[ResultRow]) -> Result<()> {
     if sim_rows.is_empty() {
         return Ok(());
     }
-    let cats: Vec<String> = sim_rows.iter().map(|r| r.policy.clone()).collect();
+    let cats: Vec<String> = sim_rows.iter().map(|r| label(r)).collect();
     plot_bars(
         &out.join("ttft.png"),
         "Time to first token",
@@ -586,6 +637,9 @@ fn cmd_sweep(a: SweepArgs) -> Result<()> {
         check_scale(f)?;
     }
     check_common(&a.common)?;
+    let [router] = a.common.router[..] else {
+        bail!("--router takes one router in sweep (its plots are per cache policy)");
+    };
     if !(a.host_ratio.is_finite() && a.host_ratio >= 0.0) {
         bail!(
             "--host-ratio must be a non-negative number, got {}",
@@ -604,6 +658,7 @@ fn cmd_sweep(a: SweepArgs) -> Result<()> {
                 }
                 points.push(Point {
                     policy,
+                    router,
                     device_tokens,
                     host_tokens,
                     time_scale,

@@ -98,6 +98,63 @@ fn sim_writes_the_contracted_csv_and_plots() {
 }
 
 #[test]
+fn sim_runs_every_router_side_by_side() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trace = write_trace(dir.path());
+    let out = dir.path().join("out");
+    let o = bench(&[
+        "sim",
+        "--trace",
+        &trace,
+        "--policy",
+        "hotprefix,optimal",
+        "--replicas",
+        "3",
+        "--router",
+        "hotprefix,least-load,round-robin,consistent-hash,approx-tree,global",
+        "--summary-interval-ms",
+        "500",
+        "--summary-top-k",
+        "64",
+        "--load-interval-ms",
+        "100",
+        "--approx-tree-blocks",
+        "32",
+        "--device-tokens",
+        "8192",
+        "--quiet",
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table
+            .contains("router hotprefix,least-load,round-robin,consistent-hash,approx-tree,global"),
+        "{table}"
+    );
+    let csv = std::fs::read_to_string(out.join("results.csv")).expect("results.csv");
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    // Six routers with hotprefix, and the bound once.
+    assert_eq!(rows.len(), 7, "{csv}");
+    for router in [
+        "hotprefix",
+        "least-load",
+        "round-robin",
+        "consistent-hash",
+        "approx-tree",
+        "global",
+    ] {
+        assert!(
+            rows.iter()
+                .any(|r| r.starts_with(&format!("hotprefix,{router},3,8192,32768,1,40,"))),
+            "{router}: {csv}"
+        );
+    }
+    assert!(out.join("ttft.png").exists());
+}
+
+#[test]
 fn sweep_and_gen_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let gen_path = dir.path().join("gen.jsonl");
@@ -192,6 +249,22 @@ fn bad_flags_fail_with_a_clear_message() {
             "/nonexistent/trace.jsonl",
         ),
         (vec!["sim", "--trace", "gen:nope"], "unknown generator"),
+        (
+            vec!["sim", "--trace", "x.jsonl", "--summary-top-k", "0"],
+            "--summary-top-k",
+        ),
+        (
+            vec![
+                "sweep",
+                "--trace",
+                "x.jsonl",
+                "--device-tokens",
+                "1000",
+                "--router",
+                "hotprefix,least-load",
+            ],
+            "one router",
+        ),
     ] {
         let o = bench(&args);
         assert!(!o.status.success(), "{args:?} should fail");
