@@ -19,6 +19,8 @@ fi
 
 # The default model file, which the engine's tests read (idempotent, checksum verified).
 bash scripts/fetch-model.sh
+# redis-server, which the engine's publisher tests and the router's cluster tests start.
+bash scripts/setup-redis.sh
 # The official OpenAI Python client, pinned, in .venv (engine/tests/openai_client.rs uses it).
 bash scripts/setup-python.sh
 
