@@ -111,6 +111,11 @@ pub struct EngineArgs {
     /// Hottest prefix blocks per published hotness summary.
     #[arg(long, env = "HOTPREFIX_SUMMARY_ENTRIES", default_value_t = DEFAULT_SUMMARY_ENTRIES)]
     pub summary_entries: usize,
+    /// OpenTelemetry collector to export traces to over OTLP/HTTP (protobuf): its base URL,
+    /// http://host:4318 (`/v1/traces` is appended). Without it no spans are exported, but trace
+    /// context still propagates and log lines carry trace ids.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The validated configuration.
@@ -148,6 +153,8 @@ pub struct EngineConfig {
     pub json_logs: bool,
     /// Publishing to Redis (`--redis-url` given), or `None`.
     pub publish: Option<PublishConfig>,
+    /// OTLP/HTTP collector to export traces to (`--otlp-endpoint`, checked), or `None`.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl EngineArgs {
@@ -204,6 +211,13 @@ impl EngineArgs {
         );
         probe.hotness = hotness.clone();
         probe.validate().map_err(|e| ConfigError(e.to_string()))?;
+        // An empty value (an unset variable in a manifest) means no export, as OpenTelemetry's
+        // own variable does.
+        let otlp_endpoint = self.otlp_endpoint.filter(|e| !e.trim().is_empty());
+        if let Some(e) = &otlp_endpoint {
+            crate::telemetry::traces_endpoint(e)
+                .map_err(|e| ConfigError(format!("--otlp-endpoint: {e}")))?;
+        }
         let publish = match self.redis_url {
             Some(url) => Some(publish_config(
                 url,
@@ -233,6 +247,7 @@ impl EngineArgs {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
             json_logs,
             publish,
+            otlp_endpoint,
         })
     }
 }
@@ -329,6 +344,13 @@ mod tests {
             c.publish.is_none(),
             "nothing is published without --redis-url"
         );
+        let c = parse(&["--otlp-endpoint", "http://otel-collector:4318"]).unwrap();
+        assert_eq!(
+            c.otlp_endpoint.as_deref(),
+            Some("http://otel-collector:4318")
+        );
+        let c = parse(&["--otlp-endpoint", ""]).unwrap();
+        assert_eq!(c.otlp_endpoint, None, "an empty endpoint exports nothing");
     }
 
     #[test]
@@ -424,6 +446,14 @@ mod tests {
             (&["--max-running", "600"][..], "--max-running"),
             (&["--threads", "0"][..], "--threads"),
             (&["--log-format", "xml"][..], "--log-format"),
+            (
+                &["--otlp-endpoint", "https://collector:4318"][..],
+                "--otlp-endpoint",
+            ),
+            (
+                &["--otlp-endpoint", "collector:4318"][..],
+                "--otlp-endpoint",
+            ),
             (&["--policy", "fifo"][..], "fifo"),
             (&["--backend", "tpu"][..], "tpu"),
             (&["--listen", "nowhere"][..], "--listen"),

@@ -19,4 +19,5 @@ pub mod sampling;
 pub mod scheduler;
 pub mod server;
 pub mod source;
+pub mod telemetry;
 pub mod tokenizer;

@@ -8,19 +8,17 @@ use clap::Parser;
 use hotprefix_engine::config::EngineArgs;
 use hotprefix_engine::launch::{self, launch_engine};
 use hotprefix_engine::publish::RedisTarget;
-use tracing_subscriber::EnvFilter;
+use hotprefix_engine::telemetry;
 
 fn main() -> anyhow::Result<()> {
     let cfg = EngineArgs::parse().validate()?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if cfg.json_logs {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    // Held to the end of `main`: dropping it exports the last spans.
+    let _telemetry = telemetry::init(
+        "hotprefix-engine",
+        cfg.json_logs,
+        cfg.otlp_endpoint.as_deref(),
+    )
+    .context("setting up logs and traces")?;
     // Checked again here (config validation already built it once) to keep the client.
     let target = match &cfg.publish {
         Some(p) => Some(

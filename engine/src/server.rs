@@ -34,6 +34,7 @@ use crate::engine::{EngineHandle, GenerateParams};
 use crate::prompt::{self, PromptError};
 use crate::sampling::{SamplingParams, find_stop, streamable_len};
 use crate::scheduler::{Event, FinishReason, SubmitError};
+use crate::telemetry;
 use crate::tokenizer::Tokenizer;
 
 /// Largest request body accepted.
@@ -210,8 +211,15 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
 /// The routes, with response counting.
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
+        // Generation runs in a span continuing the caller's trace (`traceparent`).
+        .route(
+            "/v1/completions",
+            post(completions).route_layer(middleware::from_fn(telemetry::trace_http)),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(chat_completions).route_layer(middleware::from_fn(telemetry::trace_http)),
+        )
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/health", get(health))
@@ -775,6 +783,7 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body)?;
+    tracing::Span::current().record("model", req.model.as_str());
     check_model(&s, &req.model)?;
     if req.echo {
         return Err(ApiError::bad("echo is not supported").param("echo"));
@@ -785,6 +794,7 @@ async fn completions(
     let prompt = prompt::completion_prompt(&s.tokenizer, &req)?;
     let set = settings(&s, req.sampling, false, prompt.len())?;
     let id = s.request_id("cmpl");
+    tracing::Span::current().record("request_id", id.as_str());
     let (g, first) = start(&s, &id, prompt, &set).await?;
     let (model, created) = (s.model_id.clone(), unix_now());
     if set.stream {
@@ -833,10 +843,12 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(body)?;
+    tracing::Span::current().record("model", req.model.as_str());
     check_model(&s, &req.model)?;
     let prompt = prompt::chat_prompt(&s.tokenizer, &s.chat, &req)?;
     let set = settings(&s, req.sampling, true, prompt.len())?;
     let id = s.request_id("chatcmpl");
+    tracing::Span::current().record("request_id", id.as_str());
     let (g, first) = start(&s, &id, prompt, &set).await?;
     let (model, created) = (s.model_id.clone(), unix_now());
     if set.stream {

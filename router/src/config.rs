@@ -96,6 +96,11 @@ pub struct RouterArgs {
     /// Logs as JSON lines.
     #[arg(long, env = "HOTPREFIX_JSON_LOGS")]
     pub json_logs: bool,
+    /// OpenTelemetry collector to export traces to over OTLP/HTTP (protobuf): its base URL,
+    /// http://host:4318 (`/v1/traces` is appended). Without it no spans are exported, but trace
+    /// context still propagates to the engines and log lines carry trace ids.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A flag that does not validate.
@@ -142,6 +147,8 @@ pub struct RouterConfig {
     pub eject_after: u32,
     /// JSON logs.
     pub json_logs: bool,
+    /// OTLP/HTTP collector to export traces to (`--otlp-endpoint`, checked), or `None`.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl RouterArgs {
@@ -216,6 +223,13 @@ impl RouterArgs {
             .transpose()?;
         let session_header = HeaderName::try_from(self.session_header.as_str())
             .map_err(|e| err("session-header", e.to_string()))?;
+        // An empty value (an unset variable in a manifest) means no export, as OpenTelemetry's
+        // own variable does.
+        let otlp_endpoint = self.otlp_endpoint.filter(|e| !e.trim().is_empty());
+        if let Some(e) = &otlp_endpoint {
+            hotprefix_engine::telemetry::traces_endpoint(e)
+                .map_err(|e| err("otlp-endpoint", e.to_string()))?;
+        }
         if self.max_body_bytes < 1024 {
             return Err(err("max-body-bytes", "must be at least 1024"));
         }
@@ -251,6 +265,7 @@ impl RouterArgs {
             health_interval: Duration::from_millis(self.health_interval_ms),
             eject_after: self.eject_after,
             json_logs: self.json_logs,
+            otlp_endpoint,
         })
     }
 }
@@ -274,6 +289,15 @@ mod tests {
         assert_eq!(c.policy.kind, PolicyKind::HotPrefix);
         assert_eq!(c.listen.port(), 8080);
         assert!(c.proxy.api_key.is_none());
+        assert!(c.otlp_endpoint.is_none());
+        let c = args(&[
+            "--replicas",
+            "http://a",
+            "--otlp-endpoint",
+            "http://otel:4318",
+        ])
+        .unwrap();
+        assert_eq!(c.otlp_endpoint.as_deref(), Some("http://otel:4318"));
         for bad in [
             vec![],
             vec!["--replicas", "127.0.0.1:8001"],
@@ -282,6 +306,13 @@ mod tests {
             vec!["--replicas", "http://a", "--host-weight", "5"],
             vec!["--redis-url", "nonsense://x"],
             vec!["--replicas", "http://a", "--model", "/nonexistent.gguf"],
+            vec![
+                "--replicas",
+                "http://a",
+                "--otlp-endpoint",
+                "https://otel:4318",
+            ],
+            vec!["--replicas", "http://a", "--otlp-endpoint", "otel:4318"],
         ] {
             assert!(args(&bad).is_err(), "{bad:?}");
         }

@@ -3,22 +3,20 @@
 
 use anyhow::Context;
 use clap::Parser;
+use hotprefix_engine::telemetry;
 use hotprefix_router::config::RouterArgs;
 use hotprefix_router::launch::launch;
 use hotprefix_router::server;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cfg = RouterArgs::parse().validate()?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if cfg.json_logs {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    // Held to the end of `main`: dropping it exports the last spans.
+    let _telemetry = telemetry::init(
+        "hotprefix-router",
+        cfg.json_logs,
+        cfg.otlp_endpoint.as_deref(),
+    )
+    .context("setting up logs and traces")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -19,6 +19,7 @@ use futures_util::StreamExt;
 use hotprefix_engine::api::{ChatRequest, CompletionRequest};
 use hotprefix_engine::prompt;
 use hotprefix_engine::source::TextModel;
+use hotprefix_engine::telemetry;
 use hotprefix_protocol::{BlockHash, DEFAULT_BLOCK_SIZE, ReplicaId, Salt, hash_blocks};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -26,6 +27,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::cluster::RouteRequest;
 use crate::metrics::RouterMetrics;
@@ -109,8 +112,15 @@ fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response
 pub fn app(state: RouterState) -> Router {
     let max = state.cfg.max_body_bytes;
     let guarded = Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
+        // Each proxied request runs in a span continuing the caller's trace (`traceparent`).
+        .route(
+            "/v1/completions",
+            post(completions).route_layer(middleware::from_fn(telemetry::trace_http)),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(chat_completions).route_layer(middleware::from_fn(telemetry::trace_http)),
+        )
         .route("/v1/models", get(models))
         .route("/debug/route", post(debug_route))
         .route_layer(middleware::from_fn_with_state(state.clone(), api_key));
@@ -302,28 +312,6 @@ async fn chat_completions(
     generate(s, "/v1/chat/completions", true, headers, body).await
 }
 
-/// A W3C `traceparent` for the upstream request: the caller's trace continues with a new span
-/// id for this hop; without a (valid) caller trace, a new trace starts.
-pub fn child_traceparent(incoming: Option<&str>) -> String {
-    let span: u64 = rand::random::<u64>() | 1;
-    let parsed = incoming.and_then(|v| {
-        let parts: Vec<&str> = v.trim().split('-').collect();
-        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-        (parts.len() == 4
-            && parts[0] == "00"
-            && hex(parts[1], 32)
-            && parts[1] != "0".repeat(32)
-            && hex(parts[2], 16)
-            && hex(parts[3], 2))
-        .then(|| (parts[1].to_ascii_lowercase(), parts[3].to_ascii_lowercase()))
-    });
-    let (trace, flags) = parsed.unwrap_or_else(|| {
-        let t: u128 = rand::random::<u128>() | 1;
-        (format!("{t:032x}"), "01".to_string())
-    });
-    format!("00-{trace}-{span:016x}-{flags}")
-}
-
 /// Counts a request in flight until dropped (when its response body ends or is abandoned).
 struct InFlight(Arc<Flight>);
 
@@ -354,6 +342,9 @@ async fn generate(
         Err(e) => return body_error(e),
     };
     let p = prepare(&s, chat, &body);
+    if let Some(m) = &p.model {
+        tracing::Span::current().record("model", m.as_str());
+    }
     let session = headers
         .get(&s.cfg.session_header)
         .and_then(|v| v.to_str().ok())
@@ -363,7 +354,6 @@ async fn generate(
         s.metrics.request(s.policy.kind().as_str(), "", 503);
         return unavailable(p.model.as_deref());
     };
-    let traceparent = child_traceparent(headers.get("traceparent").and_then(|v| v.to_str().ok()));
     let policy = routed.policy.as_str();
     tracing::debug!(
         policy,
@@ -371,7 +361,6 @@ async fn generate(
         reason = routed.decision.reason,
         matched = routed.decision.chosen_score().matched_blocks,
         blocks = routed.blocks.len(),
-        traceparent = %traceparent,
         "routed"
     );
     let attempts = routed.flights.len().min(s.cfg.retries + 1);
@@ -381,25 +370,42 @@ async fn generate(
             s.metrics.retry();
         }
         let guard = InFlight::start(flight);
+        // One client span per attempt, a child of the request's span: the engine's span becomes
+        // its child through the `traceparent` injected below, and retries show as siblings.
+        let upstream = tracing::info_span!(
+            "http.upstream",
+            otel.name = %format!("POST {path}"),
+            otel.kind = "client",
+            otel.status_code = Empty,
+            replica = %id,
+            attempt,
+            http.response.status_code = Empty,
+        );
         let mut req = hyper::Request::post(format!("{url}{path}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .header("traceparent", &traceparent);
+            .header(header::CONTENT_TYPE, "application/json");
         for name in [header::ACCEPT, HeaderName::from_static("x-request-id")] {
             if let Some(v) = headers.get(&name) {
                 req = req.header(name, v);
             }
         }
-        let Ok(req) = req.body(Full::new(body.clone())) else {
+        let Ok(mut req) = req.body(Full::new(body.clone())) else {
             return error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "bad request",
             );
         };
-        let resp = tokio::time::timeout(s.cfg.upstream_timeout, s.client.request(req)).await;
+        telemetry::inject(&upstream, req.headers_mut());
+        let resp = tokio::time::timeout(s.cfg.upstream_timeout, s.client.request(req))
+            .instrument(upstream.clone())
+            .await;
         match resp {
             Ok(Ok(resp)) => {
                 let status = resp.status();
+                upstream.record("http.response.status_code", status.as_u16());
+                if status.is_server_error() {
+                    upstream.record("otel.status_code", "error");
+                }
                 // An engine that is draining or not ready (503), or that failed (5xx) before
                 // sending anything, is retried elsewhere: the client has received nothing.
                 // Overload (429) is retried too but is not the replica's fault.
@@ -408,20 +414,22 @@ async fn generate(
                         s.registry.mark_failed(id, "5xx");
                     }
                     s.metrics.request(policy, &id.0, status.as_u16());
-                    last = Some(relay(resp, id, guard));
+                    last = Some(relay(resp, id, guard, upstream));
                     continue;
                 }
                 // Everything else, 4xx included, is the replica doing its job.
                 s.registry.mark_ok(id);
                 s.metrics.request(policy, &id.0, status.as_u16());
-                return relay(resp, id, guard);
+                return relay(resp, id, guard, upstream);
             }
             Ok(Err(e)) => {
+                upstream.record("otel.status_code", "error");
                 tracing::warn!(replica = %id, error = %e, "upstream request failed");
                 s.registry.mark_failed(id, "connect");
                 s.metrics.request(policy, &id.0, 502);
             }
             Err(_) => {
+                upstream.record("otel.status_code", "error");
                 tracing::warn!(replica = %id, "upstream timed out before answering");
                 s.registry.mark_failed(id, "timeout");
                 s.metrics.request(policy, &id.0, 504);
@@ -438,11 +446,12 @@ async fn generate(
 }
 
 /// Streams an upstream response to the client, chunk by chunk as it arrives, and keeps the
-/// request counted in flight until the body ends.
+/// request counted in flight, and its upstream span open, until the body ends.
 fn relay(
     resp: hyper::Response<hyper::body::Incoming>,
     replica: &ReplicaId,
     guard: InFlight,
+    span: tracing::Span,
 ) -> Response {
     let (mut parts, body) = resp.into_parts();
     if let Ok(v) = HeaderValue::from_str(&replica.0) {
@@ -452,7 +461,7 @@ fn relay(
     parts.headers.remove(header::CONNECTION);
     parts.headers.remove(header::TRANSFER_ENCODING);
     let stream = body.into_data_stream().map(move |chunk| {
-        let _keep = &guard;
+        let _keep = (&guard, &span);
         chunk.map_err(std::io::Error::other)
     });
     Response::from_parts(parts, Body::from_stream(stream))
@@ -612,21 +621,46 @@ async fn debug_route(
 mod tests {
     use super::*;
 
+    /// The `traceparent` an upstream request carries, for a caller's `traceparent` (if any),
+    /// built as `generate` builds it: the request's server span, an attempt span inside it.
+    fn upstream_traceparent(incoming: Option<&str>) -> String {
+        let mut h = HeaderMap::new();
+        if let Some(v) = incoming {
+            h.insert("traceparent", HeaderValue::from_str(v).unwrap());
+        }
+        let server = telemetry::server_span(&axum::http::Method::POST, "/v1/completions", &h);
+        let upstream = server.in_scope(|| tracing::info_span!("http.upstream"));
+        let mut out = HeaderMap::new();
+        telemetry::inject(&upstream, &mut out);
+        out.get("traceparent")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn traceparent_continues_the_callers_trace_with_a_new_span() {
-        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let out = child_traceparent(Some(incoming));
-        let parts: Vec<&str> = out.split('-').collect();
-        assert_eq!(parts[0], "00");
-        assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_ne!(parts[2], "00f067aa0ba902b7");
-        assert_eq!(parts[2].len(), 16);
-        assert_eq!(parts[3], "01");
-        for bad in [None, Some("garbage"), Some("00-0000-00f067aa0ba902b7-01")] {
-            let out = child_traceparent(bad);
+        use tracing_subscriber::layer::SubscriberExt;
+        // A provider without exporter, as the router runs without `--otlp-endpoint`.
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry().with(telemetry::otel_layer(&provider));
+        tracing::subscriber::with_default(subscriber, || {
+            let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+            let out = upstream_traceparent(Some(incoming));
             let parts: Vec<&str> = out.split('-').collect();
-            assert_eq!((parts.len(), parts[1].len(), parts[2].len()), (4, 32, 16));
-        }
+            assert_eq!(parts.len(), 4, "{out}");
+            assert_eq!(parts[0], "00");
+            assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_ne!(parts[2], "00f067aa0ba902b7");
+            assert_eq!(parts[2].len(), 16);
+            assert_eq!(parts[3], "01");
+            for bad in [None, Some("garbage"), Some("00-0000-00f067aa0ba902b7-01")] {
+                let out = upstream_traceparent(bad);
+                let parts: Vec<&str> = out.split('-').collect();
+                assert_eq!(parts.len(), 4, "{bad:?}: {out}");
+                assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{bad:?}: {out}");
+                assert_ne!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+            }
+        });
     }
 
     #[test]
