@@ -6,7 +6,11 @@
 //! sidecar router would.
 //!
 //! Run: `cargo run --release -p hotprefix-router --example proxy_overhead [SECONDS_PER_PHASE]`.
-//! Latency is measured from each request's scheduled send time, so a stalled sender counts.
+//! The upstream, the router and the load generator each run on their own single-worker runtime
+//! (three threads on the machine's cores). Requests are paced in 1 ms ticks (tokio's timer
+//! resolution) and each latency is measured from the moment its request is handed to the
+//! client, so the generator's own timer lag is not counted on either path. Tracing is set up as
+//! the binary sets it up (request spans built and propagated, no exporter).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +28,28 @@ use tokio::sync::Mutex;
 
 const BODY: &str = r#"{"model":"m","prompt":"Say hello to the proxy.","max_tokens":8}"#;
 const ANSWER: &str = r#"{"id":"cmpl-1","object":"text_completion","created":0,"model":"m","choices":[{"index":0,"text":" hello","finish_reason":"length"}],"usage":{"prompt_tokens":6,"completion_tokens":8,"total_tokens":14}}"#;
+
+/// Runs `f` on a new thread with its own single-worker runtime, returning what it sends back.
+fn on_own_runtime<T: Send + 'static>(
+    f: impl FnOnce(
+        tokio::sync::oneshot::Sender<T>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    + Send
+    + 'static,
+) -> Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build();
+        if let Ok(rt) = rt {
+            rt.block_on(f(tx));
+        }
+    });
+    rx.blocking_recv()
+        .context("a server thread failed to start")
+}
 
 async fn upstream() -> Result<SocketAddr> {
     let app = axum::Router::new()
@@ -49,9 +75,12 @@ async fn phase(client: &HttpClient, target: SocketAddr, rate: u32, secs: u64) ->
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
         let at = start + gap * i as u32;
-        tokio::time::sleep_until(at.into()).await;
+        if at > Instant::now() {
+            tokio::time::sleep_until(at.into()).await;
+        }
         let (client, lat) = (client.clone(), lat.clone());
         tasks.push(tokio::spawn(async move {
+            let at = Instant::now();
             let req = hyper::Request::post(format!("http://{target}/v1/completions"))
                 .header("content-type", "application/json")
                 .body(Full::new(Bytes::from_static(BODY.as_bytes())));
@@ -80,31 +109,50 @@ fn pct(v: &[Duration], p: f64) -> Duration {
 }
 
 fn main() -> Result<()> {
+    // As the binary does: logs at `info` (nothing per request) and an SDK tracer provider, so
+    // every proxied request builds its spans and propagates its trace context; no exporter.
+    let _telemetry = hotprefix_engine::telemetry::init("hotprefix-router", false, None)?;
     let secs: u64 = std::env::args()
         .nth(1)
         .map(|s| s.parse())
         .transpose()
         .context("SECONDS_PER_PHASE must be a number")?
         .unwrap_or(5);
+    let up: SocketAddr = on_own_runtime(|tx| {
+        Box::pin(async move {
+            if let Ok(addr) = upstream().await {
+                let _ = tx.send(addr);
+                std::future::pending::<()>().await;
+            }
+        })
+    })?;
+    let router: SocketAddr = on_own_runtime(move |tx| {
+        Box::pin(async move {
+            let Ok(cfg) = RouterArgs::try_parse_from([
+                "hotprefix-router",
+                "--listen",
+                "127.0.0.1:0",
+                "--replicas",
+                &format!("http://{up}"),
+            ])
+            .map_err(anyhow::Error::from)
+            .and_then(|a| Ok(a.validate()?)) else {
+                return;
+            };
+            let Ok(launched) = launch(&cfg) else { return };
+            let Ok(l) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+                return;
+            };
+            let Ok(addr) = l.local_addr() else { return };
+            let _ = tx.send(addr);
+            let _ = server::run(l, launched.state.clone(), std::future::pending()).await;
+        })
+    })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let up = upstream().await?;
-        let cfg = RouterArgs::try_parse_from([
-            "hotprefix-router",
-            "--listen",
-            "127.0.0.1:0",
-            "--replicas",
-            &format!("http://{up}"),
-        ])?
-        .validate()?;
-        let launched = launch(&cfg)?;
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let router = l.local_addr()?;
-        let state = launched.state.clone();
-        tokio::spawn(async move { server::run(l, state, std::future::pending()).await });
         let client = http_client(Duration::from_secs(1));
         // Warm both paths' connection pools.
         phase(&client, up, 500, 1).await;
@@ -128,7 +176,6 @@ fn main() -> Result<()> {
                 u64::from(rate) * secs
             );
         }
-        launched.stop().await;
         Ok(())
     })
 }
