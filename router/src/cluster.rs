@@ -5,6 +5,7 @@
 //! from its simulated engines, and both hand it to the same policies.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use hotprefix_protocol::cluster::SummaryEntry;
 use hotprefix_protocol::{BlockHash, ReplicaId, Tier};
@@ -56,6 +57,33 @@ pub struct RouteRequest<'a> {
     pub now_ms: u64,
 }
 
+/// Hashes a [`BlockHash`] to itself. Block hashes are already uniformly distributed 64-bit
+/// xxh3 values, so hashing them again (std's SipHash) only costs time: a request's lookups are
+/// most of a routing decision.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `BlockHash`'s derived `Hash`; anything else is folded in
+        // so that the hasher stays correct for other keys.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// A map keyed by block hash, without rehashing.
+pub type BlockMap<V> = HashMap<BlockHash, V, BuildHasherDefault<BlockHasher>>;
+
 /// One replica's holding of a block.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Holding {
@@ -74,7 +102,7 @@ pub struct PrefixIndex {
     slots: HashMap<ReplicaId, u32>,
     /// Per slot: the hashes it holds (to remove them when its summary is replaced).
     held: Vec<Vec<BlockHash>>,
-    by_hash: HashMap<BlockHash, Vec<Holding>>,
+    by_hash: BlockMap<Vec<Holding>>,
 }
 
 impl PrefixIndex {

@@ -77,6 +77,27 @@ pub struct Replica {
     pub flight: Arc<Flight>,
 }
 
+impl Replica {
+    /// A healthy replica with nothing known about it yet beyond where it is.
+    fn new(id: ReplicaId, url: &str, source: Source) -> Replica {
+        Replica {
+            id,
+            url: url.trim_end_matches('/').to_string(),
+            source,
+            model: None,
+            scheme: None,
+            started_at_ms: 0,
+            seen_at: Instant::now(),
+            load: None,
+            summary_seq: 0,
+            summary_at: None,
+            healthy: true,
+            failures: 0,
+            flight: Arc::default(),
+        }
+    }
+}
+
 /// What `/debug` and `/health` show of a replica.
 #[derive(Clone, Debug, Serialize)]
 pub struct ReplicaStatus {
@@ -210,21 +231,9 @@ impl Registry {
     pub fn add_static(&self, url: &str) -> ReplicaId {
         let id = static_id(url);
         let mut g = self.write();
-        g.replicas.entry(id.clone()).or_insert_with(|| Replica {
-            id: id.clone(),
-            url: url.trim_end_matches('/').to_string(),
-            source: Source::Static,
-            model: None,
-            scheme: None,
-            started_at_ms: 0,
-            seen_at: Instant::now(),
-            load: None,
-            summary_seq: 0,
-            summary_at: None,
-            healthy: true,
-            failures: 0,
-            flight: Arc::default(),
-        });
+        g.replicas
+            .entry(id.clone())
+            .or_insert_with(|| Replica::new(id.clone(), url, Source::Static));
         id
     }
 
@@ -250,24 +259,8 @@ impl Registry {
                 Some(r) if r.source == source => r.url = url,
                 Some(_) => {}
                 None => {
-                    g.replicas.insert(
-                        id.clone(),
-                        Replica {
-                            id: id.clone(),
-                            url,
-                            source,
-                            model: None,
-                            scheme: None,
-                            started_at_ms: 0,
-                            seen_at: Instant::now(),
-                            load: None,
-                            summary_seq: 0,
-                            summary_at: None,
-                            healthy: true,
-                            failures: 0,
-                            flight: Arc::default(),
-                        },
-                    );
+                    g.replicas
+                        .insert(id.clone(), Replica::new(id.clone(), &url, source));
                 }
             }
         }
@@ -299,24 +292,11 @@ impl Registry {
                 restarted
             }
             None => {
-                g.replicas.insert(
-                    reg.replica.clone(),
-                    Replica {
-                        id: reg.replica.clone(),
-                        url,
-                        source: Source::Redis,
-                        model: Some(reg.model.clone()),
-                        scheme: Some(scheme),
-                        started_at_ms: reg.started_at_ms,
-                        seen_at: Instant::now(),
-                        load: None,
-                        summary_seq: 0,
-                        summary_at: None,
-                        healthy: true,
-                        failures: 0,
-                        flight: Arc::default(),
-                    },
-                );
+                let mut r = Replica::new(reg.replica.clone(), &url, Source::Redis);
+                r.model = Some(reg.model.clone());
+                r.scheme = Some(scheme);
+                r.started_at_ms = reg.started_at_ms;
+                g.replicas.insert(reg.replica.clone(), r);
                 false
             }
         };

@@ -8,74 +8,20 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use hotprefix_engine::config::EngineArgs;
 use hotprefix_engine::telemetry;
-use hotprefix_router::config::RouterArgs;
-use hotprefix_router::launch::launch;
 use hotprefix_router::server;
 use opentelemetry::trace::{SpanId, SpanKind, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
-
-async fn engine() -> (SocketAddr, oneshot::Sender<()>) {
-    let cfg = EngineArgs::try_parse_from([
-        "hotprefix-engine",
-        "--model",
-        "random:tiny",
-        "--backend",
-        "cpu",
-        "--device-cache-tokens",
-        "4096",
-    ])
-    .unwrap()
-    .validate()
-    .unwrap();
-    let state = hotprefix_engine::launch::launch(&cfg).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(hotprefix_engine::server::run(
-        listener,
-        state,
-        async move {
-            let _ = rx.await;
-        },
-        Duration::from_secs(1),
-    ));
-    (addr, tx)
-}
-
-/// Sends one request and reads the whole raw response.
-async fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut out))
-        .await
-        .expect("response within 60 s")
-        .unwrap();
-    String::from_utf8_lossy(&out).to_string()
-}
 
 fn attr(span: &SpanData, key: &str) -> Option<String> {
     span.attributes
@@ -149,34 +95,24 @@ async fn router_and_engine_spans_continue_the_callers_trace() {
     tracing_subscriber::registry()
         .with(telemetry::otel_layer(&provider))
         .init();
-    let (engine_addr, _engine) = engine().await;
-    let cfg = RouterArgs::try_parse_from([
-        "hotprefix-router",
-        "--listen",
-        "127.0.0.1:0",
+    let engine = common::engine().await;
+    let mut proxy = common::router(&[
         "--replicas",
-        &format!("http://{engine_addr}"),
+        &format!("http://{}", engine.addr),
         "--model",
         "random:tiny",
     ])
-    .unwrap()
-    .validate()
-    .unwrap();
-    let launched = launch(&cfg).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let router_addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server::run(listener, launched.state.clone(), async move {
-        let _ = stopped.await;
-    }));
+    .await;
+    let router_addr = proxy.addr;
 
     // A caller with a trace: router and engine continue it.
     let body =
         json!({"model": "random-tiny", "prompt": "hello there", "max_tokens": 4, "temperature": 0})
             .to_string();
     let traceparent = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
-    let resp = post(
+    let resp = common::raw(
         router_addr,
+        "POST",
         "/v1/completions",
         &[("traceparent", &traceparent), ("tracestate", "caller=1")],
         &body,
@@ -242,7 +178,7 @@ async fn router_and_engine_spans_continue_the_callers_trace() {
         "stream": true,
     })
     .to_string();
-    let resp = post(router_addr, "/v1/chat/completions", &[], &body).await;
+    let resp = common::raw(router_addr, "POST", "/v1/chat/completions", &[], &body).await;
     assert!(
         resp.starts_with("HTTP/1.1 200") && resp.contains("[DONE]"),
         "{resp}"
@@ -270,7 +206,6 @@ async fn router_and_engine_spans_continue_the_callers_trace() {
     );
     assert!(engine.start_time >= router.start_time);
 
-    let _ = stop.send(());
-    launched.stop().await;
+    proxy.launched.take().unwrap().stop().await;
     provider.shutdown().unwrap();
 }

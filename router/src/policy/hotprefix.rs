@@ -21,12 +21,12 @@
 //! compute it. The policy remembers, for `recent_ms`, which replica it sent each block to and
 //! credits those blocks like device blocks, so the burst lands together.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
 use hotprefix_protocol::{BlockHash, ReplicaId, Tier};
 
-use crate::cluster::{Candidate, PrefixIndex, RouteRequest, matched_runs};
+use crate::cluster::{BlockMap, Candidate, PrefixIndex, RouteRequest, matched_runs};
 
 use super::{Decision, PolicyKind, RoutingPolicy, Score};
 
@@ -116,7 +116,7 @@ impl HotPrefixWeights {
 /// Blocks recently sent to a replica.
 #[derive(Debug, Default)]
 struct Recent {
-    by_hash: HashMap<BlockHash, (ReplicaId, u64)>,
+    by_hash: BlockMap<(ReplicaId, u64)>,
     /// (expiry, hash) in insertion order, for pruning.
     order: VecDeque<(u64, BlockHash)>,
 }
