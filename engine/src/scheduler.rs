@@ -455,14 +455,24 @@ impl<B: Backend> Scheduler<B> {
         }
     }
 
-    /// Tokens still to prefill: every token of a queued request (a preempted one recomputes
-    /// what it had generated too), and the uncomputed tokens of running requests that are
-    /// still prefilling (a decoding request's one next token is not prefill).
+    /// Tokens still to prefill: the tokens of each queued request that its cached prefix does
+    /// not cover now (a preempted one recomputes what it had generated too), and the
+    /// uncomputed tokens of running requests that are still prefilling (a decoding request's
+    /// one next token is not prefill). Counting a queued request's cached prefix as work would
+    /// make a replica that queues requests for the prefixes it holds look busier than it is,
+    /// and push routers away from exactly the replica that serves them fastest.
     pub fn pending_prefill_tokens(&self) -> usize {
+        let bs = self.cfg.block_size;
         let queued: usize = self
             .waiting
             .iter()
-            .map(|s| s.tokens.len().saturating_sub(s.computed))
+            .map(|s| {
+                let left = s.tokens.len().saturating_sub(s.computed);
+                let mb = (s.tokens.len().saturating_sub(1) / bs).min(s.hashes.len());
+                let p = self.cache.peek(&s.hashes[..mb]);
+                let cached = (p.device_blocks + p.host_blocks) * bs;
+                left.saturating_sub(cached.saturating_sub(s.computed))
+            })
             .sum();
         let running: usize = self
             .running

@@ -690,8 +690,8 @@ async fn the_binary_publishes_and_leaves_on_sigterm() {
 }
 
 /// The scheduler's count of tokens still to prefill, which the load report carries: a queued
-/// prompt counts whole, a running one by what it has not computed yet, a decoding one not at
-/// all.
+/// prompt counts what its cached prefix does not cover, a running one what it has not computed
+/// yet, a decoding one nothing.
 #[test]
 fn pending_prefill_tokens_count_what_is_not_yet_prefilled() {
     let model = LlamaModel::random(LlamaConfig::preset("tiny").unwrap(), 1);
@@ -727,6 +727,24 @@ fn pending_prefill_tokens_count_what_is_not_yet_prefilled() {
         last = now;
         steps += 1;
         assert!(steps < 100, "the requests never finished");
+    }
+    assert_eq!(s.pending_prefill_tokens(), 0);
+    // The first prompt again: its two full blocks that can be matched (the last token is
+    // always computed) are cached, so only the other 8 tokens are pending while it waits.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    streams.push(rx);
+    s.submit(Request {
+        id: "again".into(),
+        prompt: prompt(40usize.div_ceil(BLOCK), 1)[..40].to_vec(),
+        max_tokens: 1,
+        sampling: SamplingParams::greedy(),
+        stop_tokens: Vec::new(),
+        events: tx,
+    })
+    .unwrap();
+    assert_eq!(s.pending_prefill_tokens(), 40 - 2 * BLOCK);
+    while s.has_work() {
+        s.step();
     }
     assert_eq!(s.pending_prefill_tokens(), 0);
     s.check_idle().unwrap();

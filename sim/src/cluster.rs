@@ -658,13 +658,18 @@ impl Sim<'_> {
         for (c, rep) in rt.candidates.iter_mut().zip(&self.reps) {
             let u = self.pools[rep.pool].cache.usage();
             let cap = f64::from(u.device_capacity).max(1.0);
-            // As the engine counts it (`Scheduler::pending_prefill_tokens`): every prompt token
-            // of a queued request, and what admitted requests still have to compute (their
-            // cached prefix is not pending work).
+            // As the engine counts it (`Scheduler::pending_prefill_tokens`): the prompt tokens
+            // of each queued request that its cached prefix does not cover now, and what
+            // admitted requests still have to compute.
+            let cache = &self.pools[rep.pool].cache;
             let queued: u64 = rep
                 .waiting
                 .iter()
-                .map(|&q| u64::from(self.trace.requests[q].input_tokens))
+                .map(|&q| {
+                    let p = cache.peek(&self.hashes[q]);
+                    let cached = (p.device_blocks + p.host_blocks) as u64 * self.block_tokens;
+                    u64::from(self.trace.requests[q].input_tokens).saturating_sub(cached)
+                })
                 .sum();
             let admitted: u64 = rep.running.iter().map(|run| run.prefill_left).sum();
             c.load = ReplicaLoad {
