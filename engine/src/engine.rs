@@ -31,10 +31,11 @@ pub struct CacheReport {
     pub stats: hotprefix_cache::CacheStats,
     /// The hottest prefixes, hottest first.
     pub hottest: Vec<SummaryEntry>,
-    /// Cached blocks held by running requests (zero when idle: nothing leaked).
-    pub locked_blocks: usize,
-    /// Cached blocks being copied between tiers.
-    pub in_transfer_blocks: usize,
+    /// Cached blocks held by running requests (zero when idle: nothing leaked); `None` in a
+    /// [`EngineHandle::load_report`], which skips the per-block scan.
+    pub locked_blocks: Option<usize>,
+    /// Cached blocks being copied between tiers; `None` as above.
+    pub in_transfer_blocks: Option<usize>,
     /// Requests queued and running.
     pub waiting: usize,
     /// Requests running.
@@ -45,7 +46,9 @@ pub struct CacheReport {
 
 enum Command {
     Submit(Request),
-    Report(usize, oneshot::Sender<CacheReport>),
+    /// `top_k` hottest prefixes; whether to scan every resident block for the lock and
+    /// transfer counts.
+    Report(usize, bool, oneshot::Sender<CacheReport>),
     Abort(String),
 }
 
@@ -163,8 +166,19 @@ impl EngineHandle {
 
     /// The cache's state and its `top_k` hottest prefixes.
     pub async fn cache_report(&self, top_k: usize) -> Option<CacheReport> {
+        self.report(top_k, true).await
+    }
+
+    /// [`Self::cache_report`] without the lock and transfer counts, which need a scan of every
+    /// resident block on the engine thread (tens of milliseconds for a million-block cache):
+    /// what the Redis publisher asks for four times a second.
+    pub async fn load_report(&self, top_k: usize) -> Option<CacheReport> {
+        self.report(top_k, false).await
+    }
+
+    async fn report(&self, top_k: usize, scan: bool) -> Option<CacheReport> {
         let (tx, rx) = oneshot::channel();
-        self.send(Command::Report(top_k, tx)).ok()?;
+        self.send(Command::Report(top_k, scan, tx)).ok()?;
         rx.await.ok()
     }
 
@@ -208,15 +222,25 @@ fn handle<B: Backend>(s: &mut Scheduler<B>, c: Command, in_channel: &AtomicUsize
                 let _ = events.send(Event::Rejected(e));
             }
         }
-        Command::Report(top_k, reply) => {
+        Command::Report(top_k, scan, reply) => {
             let st = s.status();
-            let resident = s.cache().resident_blocks();
+            let (locked_blocks, in_transfer_blocks) = if scan {
+                let resident = s.cache().resident_blocks();
+                (
+                    Some(resident.iter().filter(|b| b.locked).count()),
+                    Some(
+                        resident
+                            .iter()
+                            .filter(|b| b.device_loading || b.host_writing)
+                            .count(),
+                    ),
+                )
+            } else {
+                (None, None)
+            };
             let _ = reply.send(CacheReport {
-                locked_blocks: resident.iter().filter(|b| b.locked).count(),
-                in_transfer_blocks: resident
-                    .iter()
-                    .filter(|b| b.device_loading || b.host_writing)
-                    .count(),
+                locked_blocks,
+                in_transfer_blocks,
                 waiting: st.waiting,
                 running: st.running,
                 pending_prefill_tokens: s.pending_prefill_tokens(),

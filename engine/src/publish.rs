@@ -4,7 +4,7 @@
 //! service's channel; on shutdown it deletes its keys and announces that it left.
 //!
 //! Publishing never affects serving: it runs on its own tokio task, reads the engine only
-//! through [`EngineHandle::cache_report`], bounds every Redis call by a timeout, reconnects with
+//! through [`EngineHandle::load_report`], bounds every Redis call by a timeout, reconnects with
 //! capped exponential backoff, and logs failures at most every [`LOG_EVERY`]. Because every key
 //! is rewritten periodically, a Redis that restarted empty has all of them back within one
 //! summary interval of the reconnection. The Redis password never reaches a log line or an
@@ -653,7 +653,7 @@ impl Publisher {
                 } else {
                     0
                 };
-                let report = tokio::time::timeout(REPORT_TIMEOUT, engine.cache_report(top_k));
+                let report = tokio::time::timeout(REPORT_TIMEOUT, engine.load_report(top_k));
                 let Ok(Some(report)) = report.await else {
                     // The engine is stopping or stuck; its keys then expire, as they should.
                     tracing::debug!("no cache report from the engine; nothing published");
@@ -917,8 +917,8 @@ mod tests {
             },
             stats: CacheStats::default(),
             hottest: Vec::new(),
-            locked_blocks: 0,
-            in_transfer_blocks: 0,
+            locked_blocks: None,
+            in_transfer_blocks: None,
             waiting: usize::MAX,
             running: 3,
             pending_prefill_tokens: 1234,

@@ -130,7 +130,7 @@ fn the_official_openai_python_client_works() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = rt.block_on(engine.cache_report(0)).unwrap();
-        if r.locked_blocks == 0 && r.usage.device_outstanding == 0 && r.running == 0 {
+        if r.locked_blocks == Some(0) && r.usage.device_outstanding == 0 && r.running == 0 {
             break;
         }
         assert!(Instant::now() < deadline, "still held after 30 s: {r:?}");
