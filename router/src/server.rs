@@ -130,9 +130,33 @@ pub fn app(state: RouterState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         // Bodies are read as bytes and checked against the limit by the handlers' extractor,
-        // which turns an oversized body into an OpenAI-shaped 413.
+        // which turns an oversized body into an OpenAI-shaped 413; a body whose declared
+        // length is already too large is refused before any of it is read.
         .layer(DefaultBodyLimit::max(max))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            declared_length,
+        ))
         .with_state(state)
+}
+
+async fn declared_length(State(s): State<RouterState>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > s.cfg.max_body_bytes as u64) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!(
+                "the request body is larger than the limit of {} bytes",
+                s.cfg.max_body_bytes
+            ),
+        );
+    }
+    next.run(req).await
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight requests finish.

@@ -87,7 +87,6 @@ pub async fn raw(
     headers: &[(&str, &str)],
     body: &str,
 ) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
          content-type: application/json\r\ncontent-length: {}\r\n",
@@ -98,7 +97,13 @@ pub async fn raw(
     }
     req.push_str("\r\n");
     req.push_str(body);
-    s.write_all(req.as_bytes()).await.unwrap();
+    exchange(addr, req.as_bytes()).await
+}
+
+/// Writes `request` as it is and returns everything the server sends back until it closes.
+pub async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut out))
         .await
