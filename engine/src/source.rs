@@ -212,9 +212,18 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel, SourceError> {
 fn load_gguf(path: &Path) -> Result<LoadedModel, SourceError> {
     let g = GgufFile::open(path)?;
     let model = LlamaModel::from_gguf(&g)?;
-    let text = gguf_text(&g, path)?;
+    assemble(model, gguf_text(&g, path)?, &[])
+}
+
+/// The model with its text side, once the tokenizer is checked against the vocabulary; the
+/// stop tokens are the EOS, the named stop texts and `extra_stops`.
+fn assemble(
+    model: LlamaModel,
+    text: TextModel,
+    extra_stops: &[u32],
+) -> Result<LoadedModel, SourceError> {
     check_vocab(&text.tokenizer, &model)?;
-    let stop_tokens = stop_tokens(&text.tokenizer, &[], model.cfg.vocab);
+    let stop_tokens = stop_tokens(&text.tokenizer, extra_stops, model.cfg.vocab);
     Ok(LoadedModel {
         model,
         tokenizer: text.tokenizer,
@@ -255,15 +264,7 @@ fn load_hf(dir: &Path) -> Result<LoadedModel, SourceError> {
     let cfg = HfConfig::read(dir)?;
     let model = hf::model_from_weights(&cfg, &hf::Weights::open(dir)?)?;
     let text = hf_text(dir, &cfg)?;
-    check_vocab(&text.tokenizer, &model)?;
-    let stop_tokens = stop_tokens(&text.tokenizer, &cfg.eos_token_ids, model.cfg.vocab);
-    Ok(LoadedModel {
-        model,
-        tokenizer: text.tokenizer,
-        chat: text.chat,
-        id: text.id,
-        stop_tokens,
-    })
+    assemble(model, text, &cfg.eos_token_ids)
 }
 
 /// The tokenizer, chat template and id of a Hugging Face directory (no weights read).
@@ -285,15 +286,7 @@ fn hf_text(dir: &Path, cfg: &HfConfig) -> Result<TextModel, SourceError> {
 fn load_random(name: &str) -> Result<LoadedModel, SourceError> {
     let cfg = random_config(name)?;
     let text = random_text(name, &cfg)?;
-    let model = LlamaModel::random(cfg, RANDOM_SEED);
-    let stop_tokens = stop_tokens(&text.tokenizer, &[], model.cfg.vocab);
-    Ok(LoadedModel {
-        model,
-        tokenizer: text.tokenizer,
-        chat: text.chat,
-        id: text.id,
-        stop_tokens,
-    })
+    assemble(LlamaModel::random(cfg, RANDOM_SEED), text, &[])
 }
 
 fn random_config(name: &str) -> Result<LlamaConfig, SourceError> {
