@@ -39,7 +39,7 @@ use hotprefix_protocol::cluster::{
     SummaryEntry,
 };
 use hotprefix_protocol::{BlockHash, ReplicaId};
-use hotprefix_router::cluster::{Candidate, PrefixIndex, ReplicaLoad, RouteRequest};
+use hotprefix_router::cluster::{Candidate, PrefixIndex, ReplicaLoad, RouteRequest, matched_runs};
 use hotprefix_router::policy::{
     self as route_policy, ApproxTreeConfig, HotPrefixWeights, PolicyConfig,
     PolicyKind as RoutePolicy, RoutingPolicy,
@@ -228,6 +228,8 @@ pub struct SimResult {
     pub cache: CacheStats,
     /// Wall-clock seconds the simulation took.
     pub wall_s: f64,
+    /// What routing cost in hits (empty with one replica).
+    pub routing: RoutingStats,
 }
 
 impl SimResult {
@@ -267,6 +269,92 @@ impl SimResult {
             return 0.0;
         }
         (self.prompt_tokens + self.output_tokens) as f64 / self.makespan_s
+    }
+}
+
+/// What the router's decisions cost in cache hits, measured against the replicas' real caches
+/// (which the simulator sees and the router does not). Tokens are prompt tokens, counted as
+/// the hit ratio counts them; "held" means on a replica's device tier or ready on its host tier
+/// at the moment of the decision.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoutingStats {
+    /// Routing decisions.
+    pub decisions: u64,
+    /// Decisions per reason the policy gave (`prefix`, `load`, `hot-spot`, ...).
+    pub reasons: Vec<(&'static str, u64)>,
+    /// Prompt tokens of the routed requests.
+    pub prompt_tokens: u64,
+    /// Per decision, the longest prefix of the request any replica held: what an omniscient
+    /// affine router could have reused at that moment.
+    pub best_held_tokens: u64,
+    /// Per decision, what the chosen replica held.
+    pub chosen_held_tokens: u64,
+    /// Decisions that went to a replica holding less than the best holder.
+    pub off_best: u64,
+    /// `best - chosen` where the router's view (summaries and its memory) did not show the best
+    /// holder ahead of the chosen replica: lost to what the router could not see.
+    pub missed_unseen_tokens: u64,
+    /// `best - chosen` where the view showed the best holder ahead and the score (load, cache
+    /// pressure) still chose another: lost to the load trade-off.
+    pub missed_score_tokens: u64,
+    /// `best - chosen` where hot-spot protection moved the request off the winner.
+    pub missed_hot_spot_tokens: u64,
+    /// Per decision, how much of the best holder's prefix its summary did not list.
+    pub summary_short_tokens: u64,
+    /// Of `summary_short_tokens`, what the router's memory of its own decisions made up for.
+    pub memory_covered_tokens: u64,
+    /// Per decision, how much more the router believed the chosen replica held than it did
+    /// (evicted since its summary, or a remembered decision that did not cache).
+    pub chosen_overestimate_tokens: u64,
+    /// At admission, prompt tokens the chosen replica held at the decision but no longer had
+    /// (evicted while the request queued).
+    pub lost_in_queue_tokens: u64,
+    /// At admission, prompt tokens cached beyond what the replica held at the decision
+    /// (computed meanwhile by an earlier request of the same prefix).
+    pub gained_in_queue_tokens: u64,
+    /// Sampled at every summary interval (not with an interval of 0): blocks resident on all
+    /// replicas together, summed over samples.
+    pub resident_blocks: u64,
+    /// Distinct blocks among them, summed over the same samples.
+    pub distinct_blocks: u64,
+}
+
+impl RoutingStats {
+    /// Adds `o`'s counters to these.
+    pub fn add(&mut self, o: &RoutingStats) {
+        self.decisions += o.decisions;
+        for &(r, n) in &o.reasons {
+            self.count_reason(r, n);
+        }
+        self.prompt_tokens += o.prompt_tokens;
+        self.best_held_tokens += o.best_held_tokens;
+        self.chosen_held_tokens += o.chosen_held_tokens;
+        self.off_best += o.off_best;
+        self.missed_unseen_tokens += o.missed_unseen_tokens;
+        self.missed_score_tokens += o.missed_score_tokens;
+        self.missed_hot_spot_tokens += o.missed_hot_spot_tokens;
+        self.summary_short_tokens += o.summary_short_tokens;
+        self.memory_covered_tokens += o.memory_covered_tokens;
+        self.chosen_overestimate_tokens += o.chosen_overestimate_tokens;
+        self.lost_in_queue_tokens += o.lost_in_queue_tokens;
+        self.gained_in_queue_tokens += o.gained_in_queue_tokens;
+        self.resident_blocks += o.resident_blocks;
+        self.distinct_blocks += o.distinct_blocks;
+    }
+
+    fn count_reason(&mut self, reason: &'static str, n: u64) {
+        match self.reasons.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, c)) => *c += n,
+            None => self.reasons.push((reason, n)),
+        }
+    }
+
+    /// Resident blocks per distinct block, over the samples (1.0: no block on two replicas).
+    pub fn replication(&self) -> f64 {
+        if self.distinct_blocks == 0 {
+            return f64::NAN;
+        }
+        self.resident_blocks as f64 / self.distinct_blocks as f64
     }
 }
 
@@ -393,6 +481,8 @@ struct Sim<'a> {
     e2e_sum: f64,
     last_finish: f64,
     progress: Option<&'a dyn Fn(u64)>,
+    /// Per request, the prompt tokens its replica held when it was routed.
+    routed_held: Vec<u64>,
 }
 
 /// Replays `trace` through the cluster described by `cfg`. `progress` is called with the number
@@ -488,6 +578,7 @@ pub fn simulate(
         e2e_sum: 0.0,
         last_finish: 0.0,
         progress,
+        routed_held: vec![0; trace.requests.len()],
     };
     for (i, r) in trace.requests.iter().enumerate() {
         sim.push(r.arrival_s, EvKind::Arrival(i));
@@ -495,11 +586,12 @@ pub fn simulate(
     // Reports start with the first arrival; each schedules the next.
     if let Some(rt) = &sim.router {
         let start = rt.start_s;
-        let summaries = rt.reads_summaries;
         if cfg.routing.load_interval_ms > 0 {
             sim.push(start, EvKind::LoadReport(0));
         }
-        if summaries && cfg.routing.summary_interval_ms > 0 {
+        // Every router gets the summary events: those that do not read summaries only have the
+        // copies across replicas counted there (which changes nothing in the simulation).
+        if cfg.routing.summary_interval_ms > 0 {
             sim.push(start, EvKind::Summary(0));
         }
     }
@@ -620,6 +712,7 @@ impl Sim<'_> {
                     self.next_report(k, self.cfg.routing.load_interval_ms, EvKind::LoadReport);
                 }
                 EvKind::Summary(k) => {
+                    self.count_copies();
                     self.refresh_summaries(now);
                     self.next_report(k, self.cfg.routing.summary_interval_ms, EvKind::Summary);
                 }
@@ -682,6 +775,24 @@ impl Sim<'_> {
         }
     }
 
+    /// Counts the blocks resident on the replicas and how many of them are distinct, for
+    /// [`RoutingStats::replication`] (one cache under the bound has no copies to count).
+    fn count_copies(&mut self) {
+        if self.router.is_none() || self.pools.len() < 2 {
+            return;
+        }
+        let mut distinct: hotprefix_router::cluster::BlockMap<()> = Default::default();
+        for p in &self.pools {
+            for b in p.cache.resident_blocks() {
+                if b.device_ready || b.host_ready {
+                    self.res.routing.resident_blocks += 1;
+                    distinct.insert(b.hash, ());
+                }
+            }
+        }
+        self.res.routing.distinct_blocks += distinct.len() as u64;
+    }
+
     /// Every replica's hotness summary, merged into the router's index.
     fn refresh_summaries(&mut self, now: f64) {
         let Some(rt) = &mut self.router else { return };
@@ -730,6 +841,47 @@ impl Sim<'_> {
         let r = d.chosen.min(rt.candidates.len() - 1);
         rt.policy.on_sent(&req, &rt.candidates[r].id);
         rt.candidates[r].load.in_flight += 1;
+        // Measure the decision against the real caches.
+        let input = u64::from(self.trace.requests[q].input_tokens);
+        let tokens = |blocks: usize| (blocks as u64 * self.block_tokens).min(input);
+        let held: Vec<usize> = self
+            .reps
+            .iter()
+            .map(|rep| {
+                let p = self.pools[rep.pool].cache.peek(&self.hashes[q]);
+                p.device_blocks + p.host_blocks
+            })
+            .collect();
+        let listed = matched_runs(&self.hashes[q], &rt.candidates, &rt.index, |_, _, _| {});
+        let view: Vec<usize> = d.scores.iter().map(|s| s.matched_blocks).collect();
+        let best = (0..held.len())
+            .max_by_key(|&i| (held[i], i == r))
+            .unwrap_or(r);
+        let st = &mut self.res.routing;
+        st.decisions += 1;
+        st.count_reason(d.reason, 1);
+        st.prompt_tokens += input;
+        st.best_held_tokens += tokens(held[best]);
+        st.chosen_held_tokens += tokens(held[r]);
+        if held[best] > held[r] {
+            st.off_best += 1;
+            let lost = tokens(held[best]) - tokens(held[r]);
+            if d.reason == "hot-spot" {
+                st.missed_hot_spot_tokens += lost;
+            } else if view.get(best) > view.get(r) {
+                st.missed_score_tokens += lost;
+            } else {
+                st.missed_unseen_tokens += lost;
+            }
+        }
+        let listed_best = listed.get(best).copied().unwrap_or(0);
+        let view_best = view.get(best).copied().unwrap_or(0);
+        st.summary_short_tokens += tokens(held[best]).saturating_sub(tokens(listed_best));
+        st.memory_covered_tokens +=
+            tokens(view_best.min(held[best])).saturating_sub(tokens(listed_best));
+        st.chosen_overestimate_tokens +=
+            tokens(view.get(r).copied().unwrap_or(0)).saturating_sub(tokens(held[r]));
+        self.routed_held[q] = tokens(held[r]);
         r
     }
 
@@ -840,6 +992,11 @@ impl Sim<'_> {
                 load_end
             };
             let cached = m.cached_tokens as u64;
+            if self.router.is_some() {
+                let held = self.routed_held[q];
+                self.res.routing.lost_in_queue_tokens += held.saturating_sub(cached);
+                self.res.routing.gained_in_queue_tokens += cached.saturating_sub(held);
+            }
             let dev = (m.device_blocks as u64 * bt).min(input);
             self.res.prompt_tokens += input;
             self.res.device_hit_tokens += dev;
@@ -1285,6 +1442,49 @@ mod tests {
         let shared = run_router(&t, RouterKind::Global, 2);
         assert_eq!(own.device_hit_tokens, 0);
         assert_eq!(shared.device_hit_tokens, 2048);
+    }
+
+    #[test]
+    fn routing_stats_measure_decisions_against_the_real_caches() {
+        let t = shared_prefix_workload();
+        let ll = run_router(&t, RouterKind::LEAST_LOAD, 4);
+        let st = &ll.routing;
+        assert_eq!(st.decisions, t.requests.len() as u64);
+        assert_eq!(st.prompt_tokens, ll.prompt_tokens);
+        // Least-load ignores prefixes: some requests go elsewhere while a replica holds theirs.
+        assert!(st.off_best > 0, "{st:?}");
+        assert!(st.best_held_tokens > st.chosen_held_tokens, "{st:?}");
+        // It reads no prefix information, so everything it missed was unseen.
+        assert_eq!(
+            st.missed_unseen_tokens,
+            st.best_held_tokens - st.chosen_held_tokens
+        );
+        assert_eq!(st.missed_score_tokens + st.missed_hot_spot_tokens, 0);
+        assert_eq!(st.summary_short_tokens, st.best_held_tokens);
+        // What the chosen replicas held at the decisions, corrected by what changed while the
+        // requests queued, is exactly what they hit.
+        assert_eq!(
+            ll.device_hit_tokens + ll.host_hit_tokens,
+            st.chosen_held_tokens - st.lost_in_queue_tokens + st.gained_in_queue_tokens
+        );
+        assert!(st.replication() >= 1.0, "{st:?}");
+        assert_eq!(st.reasons, vec![("load", st.decisions)]);
+        // The prefix-aware router goes where the prefixes are.
+        let hp = run_router(&t, RouterKind::HOTPREFIX, 4);
+        assert!(
+            hp.routing.chosen_held_tokens as f64 >= 0.95 * hp.routing.best_held_tokens as f64,
+            "{:?}",
+            hp.routing
+        );
+        // Under the bound every replica shares one cache: nobody holds more than another, and
+        // there are no copies to count.
+        let g = run_router(&t, RouterKind::Global, 4);
+        assert_eq!(g.routing.off_best, 0);
+        assert_eq!(g.routing.distinct_blocks, 0);
+        assert!(g.routing.replication().is_nan());
+        // One replica routes nothing.
+        let one = run_router(&t, RouterKind::LEAST_LOAD, 1);
+        assert_eq!(one.routing, RoutingStats::default());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use hotprefix_cache::{HotnessConfig, PolicyKind};
 use hotprefix_protocol::cluster::{
     DEFAULT_SUMMARY_ENTRIES, LOAD_INTERVAL_MS, MAX_SUMMARY_ENTRIES, SUMMARY_INTERVAL_MS,
 };
+use hotprefix_router::policy::HotPrefixWeights;
 use hotprefix_sim::cluster::{RouterKind, RoutingConfig, SimConfig, SimResult, simulate};
 use hotprefix_sim::cost::{CostModel, GpuSpec, ModelSpec};
 use hotprefix_sim::load::{
@@ -17,7 +18,9 @@ use hotprefix_sim::load::{
     Target, TraceLoad,
 };
 use hotprefix_sim::optimal::belady;
-use hotprefix_sim::report::{ResultRow, markdown_table, plot_bars, plot_lines, write_csv};
+use hotprefix_sim::report::{
+    ResultRow, markdown_table, plot_bars, plot_lines, routing_table, write_csv,
+};
 use hotprefix_sim::trace::Trace;
 use hotprefix_sim::workload::{GeneratedSharedPrefix, ZipfSessions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -166,6 +169,34 @@ struct Common {
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
+    /// After the results, a table of what routing cost in cache hits, measured against the
+    /// replicas' real caches (decisions off the best holder and why, summary coverage,
+    /// evictions while queued, blocks held on several replicas).
+    #[arg(long)]
+    routing_stats: bool,
+    /// `hotprefix` router: credit of a host-tier block relative to a device-tier block.
+    #[arg(long, default_value_t = HotPrefixWeights::default().host_weight)]
+    host_weight: f64,
+    /// `hotprefix` router: cost of a token of queued work against a token of saved prefill.
+    #[arg(long, default_value_t = HotPrefixWeights::default().load_weight)]
+    load_weight: f64,
+    /// `hotprefix` router: weight of the queueing externality (0: a request's own wait against
+    /// its own prefill only).
+    #[arg(long, default_value_t = HotPrefixWeights::default().queue_externality)]
+    queue_externality: f64,
+    /// `hotprefix` router: skip a replica whose queued work exceeds this times the mean (0 =
+    /// never).
+    #[arg(long, default_value_t = HotPrefixWeights::default().hot_spot_factor)]
+    hot_spot_factor: f64,
+    /// `hotprefix` router: weight of the cache-pressure term (new tokens times device use).
+    #[arg(long, default_value_t = HotPrefixWeights::default().cache_pressure_weight)]
+    cache_pressure_weight: f64,
+    /// `hotprefix` router: tokens of slack in hot-spot protection.
+    #[arg(long, default_value_t = HotPrefixWeights::default().hot_spot_slack_tokens)]
+    hot_spot_slack_tokens: f64,
+    /// `hotprefix` router: milliseconds its own decisions count as cached.
+    #[arg(long, default_value_t = HotPrefixWeights::default().recent_ms)]
+    recent_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -286,6 +317,16 @@ fn sim_config(c: &Common, p: &Point) -> SimConfig {
             summary_interval_ms: c.summary_interval_ms,
             summary_top_k: c.summary_top_k,
             load_interval_ms: c.load_interval_ms,
+            hotprefix: HotPrefixWeights {
+                host_weight: c.host_weight,
+                load_weight: c.load_weight,
+                queue_externality: c.queue_externality,
+                hot_spot_factor: c.hot_spot_factor,
+                hot_spot_slack_tokens: c.hot_spot_slack_tokens,
+                cache_pressure_weight: c.cache_pressure_weight,
+                recent_ms: c.recent_ms,
+                ..HotPrefixWeights::default()
+            },
             approx_tree_blocks: c
                 .approx_tree_blocks
                 .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
@@ -318,6 +359,7 @@ fn pool(runs: Vec<SimResult>) -> SimResult {
         out.makespan_s += r.makespan_s;
         out.cache.add(&r.cache);
         out.wall_s += r.wall_s;
+        out.routing.add(&r.routing);
     }
     out.ttft_s.sort_by(f64::total_cmp);
     out.completed /= n;
@@ -407,6 +449,9 @@ fn run_point(c: &Common, trace: &Trace, p: &Point, progress: &dyn Fn(u64)) -> Re
     row.rejections = r.cache.rejected_blocks;
     row.promotions = r.cache.promoted_blocks;
     row.sim_wall_s = r.wall_s;
+    if c.routing_stats && c.replicas > 1 {
+        row.routing = Some(r.routing.clone());
+    }
     if r.refused > 0 {
         eprintln!(
             "warning: {} request(s) of {} are larger than the device tier of {} tokens and were refused",
@@ -527,6 +572,9 @@ fn cmd_sim(a: SimArgs) -> Result<()> {
         ),
     );
     print!("{}", markdown_table(&rows));
+    if a.common.routing_stats {
+        print!("\n{}", routing_table(&rows));
+    }
     if let Some(out) = &a.common.out {
         write_results(out, &rows)?;
         plot_policies(out, &rows, a.common.router.len() > 1)?;
@@ -673,6 +721,9 @@ fn cmd_sweep(a: SweepArgs) -> Result<()> {
         &format!("host = {}x device", a.host_ratio),
     );
     print!("{}", markdown_table(&rows));
+    if a.common.routing_stats {
+        print!("\n{}", routing_table(&rows));
+    }
     if let Some(out) = &a.common.out {
         write_results(out, &rows)?;
         plot_sweep(out, &rows, &a)?;

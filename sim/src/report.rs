@@ -71,6 +71,9 @@ pub struct ResultRow {
     pub promotions: u64,
     /// Wall-clock seconds the simulation took.
     pub sim_wall_s: f64,
+    /// What routing cost in hits, per run (`--routing-stats`; not a CSV column).
+    #[serde(skip)]
+    pub routing: Option<crate::cluster::RoutingStats>,
 }
 
 /// The CSV header, in [`ResultRow`] field order; the first 16 columns are a fixed contract.
@@ -203,6 +206,76 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     let mut file = std::fs::File::create(path).map_err(io_err)?;
     file.write_all(bytes).map_err(io_err)?;
     file.flush().map_err(io_err)
+}
+
+/// Renders the routing statistics of `rows` (those that have them) as a markdown table. Every
+/// token figure is a share of the routed prompt tokens, so it compares with the hit ratio:
+/// `best held` is what an omniscient affine router could have reused at each decision, `chosen
+/// held` what the chosen replica held, and the three `missed` columns split the difference by
+/// cause.
+pub fn routing_table(rows: &[ResultRow]) -> String {
+    const HEADER: [&str; 15] = [
+        "policy",
+        "router",
+        "decisions",
+        "reasons",
+        "off best",
+        "best held",
+        "chosen held",
+        "missed unseen",
+        "missed score",
+        "missed hot-spot",
+        "summary short",
+        "memory covered",
+        "over-estimate",
+        "lost / gained in queue",
+        "copies per block",
+    ];
+    let mut out = String::new();
+    let _ = writeln!(out, "| {} |", HEADER.join(" | "));
+    let _ = writeln!(out, "|:--|:--|{}", "--:|".repeat(HEADER.len() - 2));
+    for r in rows {
+        let Some(st) = &r.routing else { continue };
+        let share = |t: u64| {
+            if st.prompt_tokens == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.3}", t as f64 / st.prompt_tokens as f64)
+            }
+        };
+        let reasons: Vec<String> = st
+            .reasons
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        let cells = [
+            markdown_escape(&r.policy),
+            markdown_escape(&r.router),
+            st.decisions.to_string(),
+            reasons.join(", "),
+            st.off_best.to_string(),
+            share(st.best_held_tokens),
+            share(st.chosen_held_tokens),
+            share(st.missed_unseen_tokens),
+            share(st.missed_score_tokens),
+            share(st.missed_hot_spot_tokens),
+            share(st.summary_short_tokens),
+            share(st.memory_covered_tokens),
+            share(st.chosen_overestimate_tokens),
+            format!(
+                "{} / {}",
+                share(st.lost_in_queue_tokens),
+                share(st.gained_in_queue_tokens)
+            ),
+            if st.distinct_blocks == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.3}", st.replication())
+            },
+        ];
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
+    }
+    out
 }
 
 /// Renders `rows` as a GitHub markdown table with the columns a reader compares: ratios with
@@ -806,6 +879,34 @@ mod tests {
                 _ => assert_eq!(&expected, cell, "{name}"),
             }
         }
+    }
+
+    #[test]
+    fn routing_table_shows_shares_of_prompt_tokens() {
+        let mut row = sample_row("hotprefix");
+        row.routing = Some(crate::cluster::RoutingStats {
+            decisions: 10,
+            reasons: vec![("prefix", 8), ("hot-spot", 2)],
+            prompt_tokens: 1000,
+            best_held_tokens: 400,
+            chosen_held_tokens: 300,
+            off_best: 2,
+            missed_score_tokens: 60,
+            missed_hot_spot_tokens: 40,
+            resident_blocks: 30,
+            distinct_blocks: 20,
+            ..Default::default()
+        });
+        // Rows without statistics (one replica, the offline bound) are left out.
+        let table = routing_table(&[row, sample_row("optimal")]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert_eq!(lines[0].matches('|').count(), 16);
+        assert_eq!(
+            lines[2],
+            "| hotprefix | cache-aware | 10 | prefix 8, hot-spot 2 | 2 | 0.400 | 0.300 | 0.000 | \
+             0.060 | 0.040 | 0.000 | 0.000 | 0.000 | 0.000 / 0.000 | 1.500 |"
+        );
     }
 
     #[test]

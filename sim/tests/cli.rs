@@ -123,6 +123,7 @@ fn sim_runs_every_router_side_by_side() {
         "--device-tokens",
         "8192",
         "--quiet",
+        "--routing-stats",
         "--out",
         out.to_str().expect("utf-8 path"),
     ]);
@@ -131,6 +132,18 @@ fn sim_runs_every_router_side_by_side() {
     assert!(
         table
             .contains("router hotprefix,least-load,round-robin,consistent-hash,approx-tree,global"),
+        "{table}"
+    );
+    // The routing table: a row per router that routed (the offline bound routes nothing).
+    let stats: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("| policy | router | decisions |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert_eq!(stats.len(), 6, "{table}");
+    assert!(
+        stats.iter().all(|r| r.starts_with("| hotprefix | ")),
         "{table}"
     );
     let csv = std::fs::read_to_string(out.join("results.csv")).expect("results.csv");
@@ -152,6 +165,29 @@ fn sim_runs_every_router_side_by_side() {
         );
     }
     assert!(out.join("ttft.png").exists());
+}
+
+#[test]
+fn bad_router_weights_fail_with_the_field_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trace = write_trace(dir.path());
+    let o = bench(&[
+        "sim",
+        "--trace",
+        &trace,
+        "--policy",
+        "lru",
+        "--replicas",
+        "2",
+        "--router",
+        "hotprefix",
+        "--hot-spot-factor",
+        "0.5",
+        "--quiet",
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("hotprefix: hot_spot_factor"), "{err}");
 }
 
 #[test]

@@ -11,10 +11,23 @@
 //! and a cache-pressure term: the tokens it would add to the candidate's device tier times how
 //! full that tier is (new KV on a full cache evicts someone's prefix). The best score wins.
 //!
-//! **Hot-spot protection.** When the winner's queued work exceeds `hot_spot_factor` times the
-//! mean plus `hot_spot_slack_tokens`, the request goes to the best of the others instead. That
-//! replica then computes and caches the prefix, which deliberately replicates a hot prefix
-//! instead of queueing every request for it on one replica.
+//! **Queueing externality.** Weighing a request's wait against its own prefill one to one
+//! minimises that request's time to first token and nothing else: a prefix computed a second
+//! time also delays every request that queues behind that work, and its copy takes cache room.
+//! The saved prefill is therefore credited `1 + k` times, `k` being the requests queued per
+//! replica across the cluster (pending prefill in requests of the recent mean size, plus the
+//! requests sent since the last report). In a first-come-first-served queue in steady state a
+//! request leaves as many requests behind it as it found (level crossing), and the router
+//! spreads later arrivals over the replicas, so that mean estimates how many requests a
+//! recomputed token delays besides this one. An idle cluster has `k` = 0: nobody is delayed, and
+//! the rule is the one-to-one exchange again.
+//!
+//! **Hot-spot protection.** The externality asks a request to wait at the holder of its prefix
+//! for the others' sake. Protection bounds that: when what the request would pay at the winner
+//! (queued work plus its own prefill there) exceeds `hot_spot_factor` times the least it would
+//! pay anywhere plus `hot_spot_slack_tokens`, the request goes to the best-scoring candidate
+//! within that bound. That replica then computes and caches the prefix, which deliberately
+//! replicates a hot prefix instead of queueing every request for it on one replica.
 //!
 //! **Recent decisions.** Summaries arrive about once a second. Without memory, a burst of
 //! requests for a new prefix would scatter (nobody holds it yet) and every replica would
@@ -43,13 +56,19 @@ pub struct HotPrefixWeights {
     pub cold_floor: f64,
     /// Cost of one token of queued work against one token of saved prefill.
     pub load_weight: f64,
+    /// Weight of the queueing externality (module docs): the saved prefill is credited `1 + k`
+    /// times, `k` being this weight times the requests queued per replica across the cluster.
+    /// Zero weighs a request's own wait against its own prefill alone.
+    pub queue_externality: f64,
     /// Queued work charged per waiting or running request, in tokens (decode steps it takes).
     pub request_cost_tokens: f64,
     /// Weight of the cache-pressure term: the expected recomputation, per token, of the prefix
     /// KV a request's new blocks evict on a full device tier.
     pub cache_pressure_weight: f64,
-    /// Hot-spot protection: the winner is skipped when its queued work exceeds this times the
-    /// candidates' mean plus `hot_spot_slack_tokens`. Zero disables protection.
+    /// Hot-spot protection (module docs): the winner is skipped when the request would pay
+    /// there (queued work plus its own prefill, in tokens) more than this times the least it
+    /// would pay at any candidate plus `hot_spot_slack_tokens`. At least 1; zero disables
+    /// protection.
     pub hot_spot_factor: f64,
     /// See `hot_spot_factor`.
     pub hot_spot_slack_tokens: f64,
@@ -72,10 +91,14 @@ impl Default for HotPrefixWeights {
             hot_reference: 1.0,
             cold_floor: 0.5,
             load_weight: 1.0,
+            // The estimate the queueing argument gives (module docs), not a tuned value.
+            queue_externality: 1.0,
             request_cost_tokens: 64.0,
             cache_pressure_weight: 0.25,
-            hot_spot_factor: 2.0,
-            hot_spot_slack_tokens: 4096.0,
+            // Tuned on the synthetic Mooncake trace and generated workloads (docs/benchmarks.md,
+            // "Cluster routing"): a request never pays more than 1.5 times the least it could.
+            hot_spot_factor: 1.5,
+            hot_spot_slack_tokens: 0.0,
             recent_ms: 3_000,
             recent_capacity: 200_000,
         }
@@ -90,6 +113,7 @@ impl HotPrefixWeights {
             ("host_weight", self.host_weight),
             ("hot_reference", self.hot_reference),
             ("load_weight", self.load_weight),
+            ("queue_externality", self.queue_externality),
             ("request_cost_tokens", self.request_cost_tokens),
             ("cache_pressure_weight", self.cache_pressure_weight),
             ("hot_spot_factor", self.hot_spot_factor),
@@ -108,6 +132,12 @@ impl HotPrefixWeights {
         }
         if self.host_weight > self.device_weight {
             return Err("host_weight must not exceed device_weight".into());
+        }
+        if self.hot_spot_factor > 0.0 && self.hot_spot_factor < 1.0 {
+            return Err(format!(
+                "hot_spot_factor must be 0 (off) or at least 1, got {}",
+                self.hot_spot_factor
+            ));
         }
         Ok(())
     }
@@ -136,11 +166,25 @@ impl Recent {
     }
 }
 
+/// What the policy learns from its own decisions.
+#[derive(Debug, Default)]
+struct State {
+    recent: Recent,
+    /// Mean prefill (prompt tokens not held where it went) of the requests routed lately, an
+    /// exponential moving average over about [`NEW_TOKENS_WINDOW`] decisions; 0 before the
+    /// first.
+    new_tokens_mean: f64,
+}
+
+/// Decisions the mean request prefill is averaged over: enough to smooth single long prompts,
+/// few enough to follow a change of workload within seconds.
+const NEW_TOKENS_WINDOW: f64 = 64.0;
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct HotPrefixPolicy {
     w: HotPrefixWeights,
-    recent: Mutex<Recent>,
+    state: Mutex<State>,
 }
 
 impl HotPrefixPolicy {
@@ -148,7 +192,7 @@ impl HotPrefixPolicy {
     pub fn new(w: HotPrefixWeights) -> HotPrefixPolicy {
         HotPrefixPolicy {
             w,
-            recent: Mutex::new(Recent::default()),
+            state: Mutex::new(State::default()),
         }
     }
 
@@ -192,6 +236,21 @@ impl HotPrefixPolicy {
         let factor = self.w.cold_floor + (1.0 - self.w.cold_floor) * hot;
         block_size as f64 * weight * factor
     }
+}
+
+/// Requests queued for prefill per candidate, on average: each candidate's pending prefill in
+/// requests of the mean size `mean_new`, plus the requests this router sent it since its report.
+fn queued_requests(candidates: &[Candidate], mean_new: f64) -> f64 {
+    if candidates.is_empty() {
+        return 0.0;
+    }
+    let total: f64 = candidates
+        .iter()
+        .map(|c| {
+            c.load.pending_prefill_tokens as f64 / mean_new.max(1.0) + f64::from(c.load.in_flight)
+        })
+        .sum();
+    total / candidates.len() as f64
 }
 
 /// The best score; equal scores (typically a new prefix on idle replicas, where everyone
@@ -241,8 +300,9 @@ impl RoutingPolicy for HotPrefixPolicy {
             }
         });
         // Extend each run with blocks this router recently sent there.
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let mean_new = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let recent = &mut state.recent;
             recent.prune(req.now_ms, self.w.recent_capacity);
             if !recent.by_hash.is_empty() {
                 for (ci, c) in candidates.iter().enumerate() {
@@ -259,18 +319,28 @@ impl RoutingPolicy for HotPrefixPolicy {
                     }
                 }
             }
-        }
+            state.new_tokens_mean
+        };
         let loads: Vec<f64> = candidates
             .iter()
             .zip(&runs)
             .map(|(c, &run)| self.load_tokens(c, req, run))
             .collect();
+        // Before there is a history, this request stands for the typical one.
+        let mean_new = if mean_new > 0.0 {
+            mean_new
+        } else {
+            req.prompt_tokens as f64
+        };
+        let k = self.w.queue_externality * queued_requests(candidates, mean_new);
         let scores: Vec<Score> = candidates
             .iter()
             .enumerate()
             .map(|(i, c)| Score {
                 replica: c.id.clone(),
-                score: saved[i] - self.w.load_weight * loads[i] - self.pressure(c, req, runs[i]),
+                score: (1.0 + k) * saved[i]
+                    - self.w.load_weight * loads[i]
+                    - self.pressure(c, req, runs[i]),
                 matched_blocks: runs[i],
                 device_blocks: device[i],
                 load: loads[i],
@@ -280,11 +350,20 @@ impl RoutingPolicy for HotPrefixPolicy {
         let mut reason = if runs[best] > 0 { "prefix" } else { "load" };
         let mut chosen = best;
         if n > 1 && self.w.hot_spot_factor > 0.0 {
-            let mean = loads.iter().sum::<f64>() / n as f64;
-            if loads[best] > self.w.hot_spot_factor * mean + self.w.hot_spot_slack_tokens {
+            // What this request alone would pay at each candidate, in tokens: the work queued
+            // in front of it plus the prefill it would do there. Without the externality the
+            // best score is the least of these (up to cache pressure), so protection only ever
+            // bounds what the externality asks of one request.
+            let own: Vec<f64> = (0..n)
+                .map(|i| loads[i] + req.prompt_tokens as f64 - saved[i])
+                .collect();
+            let least = own.iter().copied().fold(f64::INFINITY, f64::min);
+            let bound = self.w.hot_spot_factor * least + self.w.hot_spot_slack_tokens;
+            if own[best] > bound {
+                // The candidate with the least cost is always within the bound.
                 let mut alt = None;
                 for (i, s) in scores.iter().enumerate() {
-                    if i != best && alt.is_none_or(|a: usize| s.score > scores[a].score) {
+                    if own[i] <= bound && alt.is_none_or(|a: usize| s.score > scores[a].score) {
                         alt = Some(i);
                     }
                 }
@@ -293,6 +372,18 @@ impl RoutingPolicy for HotPrefixPolicy {
                     reason = "hot-spot";
                 }
             }
+        }
+        let new_tokens = req
+            .prompt_tokens
+            .saturating_sub(runs[chosen] * req.block_size)
+            .max(1) as f64;
+        {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.new_tokens_mean = if state.new_tokens_mean > 0.0 {
+                state.new_tokens_mean + (new_tokens - state.new_tokens_mean) / NEW_TOKENS_WINDOW
+            } else {
+                new_tokens
+            };
         }
         Decision {
             chosen,
@@ -306,7 +397,8 @@ impl RoutingPolicy for HotPrefixPolicy {
             return;
         }
         let expiry = req.now_ms.saturating_add(self.w.recent_ms);
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let recent = &mut state.recent;
         for &h in req.blocks {
             recent.by_hash.insert(h, (replica.clone(), expiry));
             recent.order.push_back((expiry, h));
@@ -315,8 +407,8 @@ impl RoutingPolicy for HotPrefixPolicy {
     }
 
     fn forget(&self, replica: &ReplicaId) {
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        recent.by_hash.retain(|_, (id, _)| id != replica);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.recent.by_hash.retain(|_, (id, _)| id != replica);
     }
 }
 
@@ -415,23 +507,102 @@ mod tests {
     #[test]
     fn an_overloaded_holder_is_skipped_for_the_best_of_the_rest() {
         let mut ix = PrefixIndex::new();
-        // A long, hot prefix only "a" holds: its credit beats its queue...
+        // A long prefix (32,000 tokens) only "a" holds, behind 100,000 queued tokens. With a
+        // strong externality its score still wins...
         let held: Vec<u64> = (1..=2000).collect();
         hold(&mut ix, "a", &held, Tier::Device, 5.0);
         let b = blocks(2000);
-        let p = HotPrefixPolicy::new(HotPrefixWeights::default());
-        let c = [cand("a", 20_000), cand("b", 100), cand("c", 50)];
+        let w = HotPrefixWeights {
+            queue_externality: 4.0,
+            ..HotPrefixWeights::default()
+        };
+        let p = HotPrefixPolicy::new(w.clone());
+        let c = [cand("a", 100_000), cand("b", 10_000), cand("c", 5_000)];
         let d = p.route(&req(&b, 0), &c, &ix);
         assert!(d.scores[0].score > d.scores[2].score);
-        // ...but its queue is far above the mean: protection sends the request elsewhere.
+        assert!(d.scores[2].score > d.scores[1].score);
+        // ...but the request would pay 100,008 tokens there against 37,008 at "c", more than
+        // 1.5 times: protection sends it to the best-scoring replica within the bound.
         assert_eq!(d.chosen, 2);
         assert_eq!(d.reason, "hot-spot");
         // Without protection it stays.
         let p = HotPrefixPolicy::new(HotPrefixWeights {
             hot_spot_factor: 0.0,
-            ..HotPrefixWeights::default()
+            ..w.clone()
         });
         assert_eq!(p.route(&req(&b, 0), &c, &ix).chosen, 0);
+        // A shorter queue is within the bound: the holder keeps the request.
+        let p = HotPrefixPolicy::new(w);
+        let c = [cand("a", 50_000), cand("b", 10_000), cand("c", 5_000)];
+        let d = p.route(&req(&b, 0), &c, &ix);
+        assert_eq!((d.chosen, d.reason), (0, "prefix"));
+    }
+
+    #[test]
+    fn without_the_externality_protection_never_overrides_the_score() {
+        // The one-to-one exchange already picks the least the request pays anywhere.
+        let mut ix = PrefixIndex::new();
+        let held: Vec<u64> = (1..=2000).collect();
+        hold(&mut ix, "a", &held, Tier::Device, 5.0);
+        let b = blocks(2000);
+        let p = HotPrefixPolicy::new(HotPrefixWeights {
+            queue_externality: 0.0,
+            ..HotPrefixWeights::default()
+        });
+        for queued in [0, 20_000, 40_000, 100_000, 1_000_000] {
+            let c = [cand("a", queued), cand("b", 10_000), cand("c", 5_000)];
+            let d = p.route(&req(&b, 0), &c, &ix);
+            assert_ne!(d.reason, "hot-spot", "{queued}");
+        }
+    }
+
+    #[test]
+    fn a_busy_cluster_keeps_a_request_with_its_prefix() {
+        // "a" holds 40 of the prompt's 50 blocks (640 of 808 tokens) behind 1,000 queued
+        // tokens; "b" has 200 and nothing. Alone, the request is better off on "b" (1,008
+        // tokens to pay against 1,168)...
+        let mut ix = PrefixIndex::new();
+        let held: Vec<u64> = (1..=40).collect();
+        hold(&mut ix, "a", &held, Tier::Device, 5.0);
+        let b = blocks(50);
+        let c = [cand("a", 1000), cand("b", 200)];
+        let greedy = HotPrefixPolicy::new(HotPrefixWeights {
+            queue_externality: 0.0,
+            ..HotPrefixWeights::default()
+        });
+        assert_eq!(greedy.route(&req(&b, 0), &c, &ix).chosen, 1);
+        // ...but the cluster has 0.74 requests' worth of prefill queued per replica, which the
+        // 640 tokens "b" would compute again would delay too.
+        let p = HotPrefixPolicy::new(HotPrefixWeights::default());
+        let d = p.route(&req(&b, 0), &c, &ix);
+        assert_eq!((d.chosen, d.reason), (0, "prefix"));
+        // Idle replicas delay nobody: the score is the one-to-one exchange.
+        let idle = [cand("a", 0), cand("b", 0)];
+        let d = HotPrefixPolicy::new(HotPrefixWeights::default()).route(&req(&b, 0), &idle, &ix);
+        let dg = greedy.route(&req(&b, 0), &idle, &ix);
+        assert_eq!(d.scores, dg.scores);
+    }
+
+    #[test]
+    fn the_mean_request_size_follows_the_requests_routed() {
+        let ix = PrefixIndex::new();
+        let p = HotPrefixPolicy::new(HotPrefixWeights::default());
+        let c = [cand("a", 0), cand("b", 0)];
+        let mean = || p.state.lock().unwrap().new_tokens_mean;
+        assert_eq!(mean(), 0.0);
+        // The first decision sets it: 8 blocks of 16 plus 8 tokens, nothing held.
+        p.route(&req(&blocks(8), 0), &c, &ix);
+        assert_eq!(mean(), 136.0);
+        // Later ones move it a 64th of the way each.
+        p.route(&req(&blocks(72), 0), &c, &ix);
+        assert!((mean() - (136.0 + (1160.0 - 136.0) / 64.0)).abs() < 1e-9);
+        for _ in 0..2000 {
+            p.route(&req(&blocks(72), 0), &c, &ix);
+        }
+        assert!((mean() - 1160.0).abs() < 1.0);
+        // It scales the queue estimate: 4,640 pending tokens are 4 requests of that size.
+        let c = [cand("a", 4640), cand("b", 4640)];
+        assert!((queued_requests(&c, mean()) - 4.0).abs() < 0.01);
     }
 
     #[test]
@@ -517,7 +688,8 @@ mod tests {
             let b: Vec<BlockHash> = (0..10).map(|j| BlockHash(i * 10 + j + 1)).collect();
             p.on_sent(&req(&b, i), &id);
         }
-        let r = p.recent.lock().unwrap();
+        let s = p.state.lock().unwrap();
+        let r = &s.recent;
         assert!(r.order.len() <= 100 && r.by_hash.len() <= 100);
     }
 
@@ -535,6 +707,14 @@ mod tests {
             },
             HotPrefixWeights {
                 cold_floor: 1.5,
+                ..HotPrefixWeights::default()
+            },
+            HotPrefixWeights {
+                queue_externality: -1.0,
+                ..HotPrefixWeights::default()
+            },
+            HotPrefixWeights {
+                hot_spot_factor: 0.5,
                 ..HotPrefixWeights::default()
             },
         ] {
