@@ -58,6 +58,13 @@ impl ChatTemplate {
         })
     }
 
+    /// Another template `source`, compiled, printing the same BOS and EOS strings as this one:
+    /// how a `--chat-template` file replaces a model's own template while keeping its special
+    /// tokens.
+    pub fn with_source(&self, source: &str) -> Result<Self, ChatError> {
+        ChatTemplate::new(source, &self.bos_token, &self.eos_token)
+    }
+
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's
     /// answer starts.
     pub fn render(

@@ -13,8 +13,13 @@ use hotprefix_protocol::cluster::{DEFAULT_SUMMARY_ENTRIES, Keys, MAX_SUMMARY_ENT
 use thiserror::Error;
 
 use crate::backend::BackendKind;
+use crate::backend::cuda::plan::AttentionChoice;
+use crate::backend::cuda::{CudaOptions, KvCopyMode};
 use crate::publish::{PublishConfig, RedisTarget, RedisUrl, Secret};
-use crate::source::ModelSource;
+use crate::source::{ChatTemplateFile, ModelSource};
+
+/// Device-tier tokens when --device-cache-tokens is not given on the CPU backend.
+pub const DEFAULT_DEVICE_CACHE_TOKENS: usize = 16_384;
 
 /// A flag value out of range or inconsistent with another.
 #[derive(Debug, Error)]
@@ -34,6 +39,10 @@ pub struct EngineArgs {
     /// smollm2-135m, llama-3.1-8b).
     #[arg(long, env = "HOTPREFIX_MODEL")]
     pub model: String,
+    /// Jinja chat template file replacing the model's own (default: the model's template, or
+    /// ChatML when it has none). The router must be given the same file.
+    #[arg(long, env = "HOTPREFIX_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "HOTPREFIX_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
@@ -43,9 +52,25 @@ pub struct EngineArgs {
     /// Prefix cache policy: hotprefix, lru, lru-offload, reuse-offload.
     #[arg(long, env = "HOTPREFIX_POLICY", default_value = "hotprefix")]
     pub policy: PolicyKind,
-    /// Tokens of KV the device tier holds.
-    #[arg(long, env = "HOTPREFIX_DEVICE_CACHE_TOKENS", default_value_t = 16_384)]
-    pub device_cache_tokens: usize,
+    /// Tokens of KV the device tier holds (default: 16,384 on the CPU; on CUDA, what
+    /// --gpu-memory-fraction leaves after the weights and activations).
+    #[arg(long, env = "HOTPREFIX_DEVICE_CACHE_TOKENS")]
+    pub device_cache_tokens: Option<usize>,
+    /// CUDA: fraction of the GPU's memory the engine may use in all (weights, activations and
+    /// the device KV tier), when --device-cache-tokens is not given.
+    #[arg(long, env = "HOTPREFIX_GPU_MEMORY_FRACTION", default_value_t = 0.9)]
+    pub gpu_memory_fraction: f64,
+    /// CUDA attention kernel: auto (tensor cores for prefill, CUDA cores for decode), simple
+    /// or mma.
+    #[arg(long, env = "HOTPREFIX_CUDA_ATTENTION", default_value = "auto")]
+    pub cuda_attention: AttentionChoice,
+    /// CUDA: how host-tier copies move bytes: kernel (a copy kernel reading the pinned arena
+    /// in place) or memcpy (the copy engines).
+    #[arg(long, env = "HOTPREFIX_KV_COPY", default_value = "kernel")]
+    pub kv_copy: KvCopyMode,
+    /// CUDA: overlap host-tier loads with compute layer by layer (true or false).
+    #[arg(long, env = "HOTPREFIX_LAYER_OVERLAP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub layer_overlap: bool,
     /// Tokens of KV the host tier holds (0: no host tier).
     #[arg(long, env = "HOTPREFIX_HOST_CACHE_TOKENS", default_value_t = 65_536)]
     pub host_cache_tokens: usize,
@@ -123,6 +148,9 @@ pub struct EngineArgs {
 pub struct EngineConfig {
     /// Where the model comes from.
     pub model: ModelSource,
+    /// The chat template replacing the model's (`--chat-template`, read and compiled), or
+    /// `None` for the model's own.
+    pub chat_template: Option<ChatTemplateFile>,
     /// Listen address.
     pub listen: SocketAddr,
     /// Backend.
@@ -133,8 +161,15 @@ pub struct EngineConfig {
     pub hotness: HotnessConfig,
     /// Tokens per block.
     pub block_size: usize,
-    /// Device tier blocks.
+    /// Device tier blocks (the CPU default when `device_blocks_auto`).
     pub device_blocks: u32,
+    /// Whether the device tier size was left to the backend (no --device-cache-tokens): the
+    /// CUDA backend then sizes it from `gpu_memory_fraction`.
+    pub device_blocks_auto: bool,
+    /// CUDA: fraction of device memory to use in all.
+    pub gpu_memory_fraction: f64,
+    /// CUDA backend knobs.
+    pub cuda: CudaOptions,
     /// Host tier blocks.
     pub host_blocks: u32,
     /// Running requests at most.
@@ -165,6 +200,12 @@ impl EngineArgs {
             .model
             .parse()
             .map_err(|e| ConfigError(format!("--model: {e}")))?;
+        let chat_template = self
+            .chat_template
+            .as_deref()
+            .map(ChatTemplateFile::read)
+            .transpose()
+            .map_err(|e| ConfigError(format!("--chat-template: {e}")))?;
         if !(1..=1024).contains(&self.block_size) {
             return bad(format!("--block-size {} not in 1..=1024", self.block_size));
         }
@@ -172,12 +213,21 @@ impl EngineArgs {
             u32::try_from(tokens / self.block_size)
                 .map_err(|_| ConfigError(format!("{flag} {tokens} is too large")))
         };
-        let device_blocks = blocks(self.device_cache_tokens, "--device-cache-tokens")?;
+        let device_tokens = self
+            .device_cache_tokens
+            .unwrap_or(DEFAULT_DEVICE_CACHE_TOKENS);
+        let device_blocks = blocks(device_tokens, "--device-cache-tokens")?;
         let host_blocks = blocks(self.host_cache_tokens, "--host-cache-tokens")?;
         if device_blocks < 2 {
             return bad(format!(
-                "--device-cache-tokens {} gives fewer than 2 blocks of {}",
-                self.device_cache_tokens, self.block_size
+                "--device-cache-tokens {device_tokens} gives fewer than 2 blocks of {}",
+                self.block_size
+            ));
+        }
+        if !(self.gpu_memory_fraction > 0.0 && self.gpu_memory_fraction <= 1.0) {
+            return bad(format!(
+                "--gpu-memory-fraction {} not in (0, 1]",
+                self.gpu_memory_fraction
             ));
         }
         if self.max_running == 0 || self.max_batch_tokens < self.max_running {
@@ -232,12 +282,20 @@ impl EngineArgs {
         };
         Ok(EngineConfig {
             model,
+            chat_template,
             listen: self.listen,
             backend: self.backend,
             policy: self.policy,
             hotness,
             block_size: self.block_size,
             device_blocks,
+            device_blocks_auto: self.device_cache_tokens.is_none(),
+            gpu_memory_fraction: self.gpu_memory_fraction,
+            cuda: CudaOptions {
+                attention: self.cuda_attention,
+                kv_copy: self.kv_copy,
+                layer_overlap: self.layer_overlap,
+            },
             host_blocks,
             max_running: self.max_running,
             max_batch_tokens: self.max_batch_tokens,
@@ -333,6 +391,31 @@ mod tests {
         assert_eq!(
             (c.block_size, c.device_blocks, c.host_blocks),
             (16, 1024, 4096)
+        );
+        assert!(
+            c.device_blocks_auto,
+            "CUDA sizes the device tier unless told"
+        );
+        assert_eq!(c.gpu_memory_fraction, 0.9);
+        assert_eq!(c.cuda, CudaOptions::default());
+        let c2 = parse(&["--device-cache-tokens", "4096"]).unwrap();
+        assert!(!c2.device_blocks_auto && c2.device_blocks == 256);
+        let c3 = parse(&[
+            "--cuda-attention",
+            "simple",
+            "--kv-copy",
+            "memcpy",
+            "--layer-overlap",
+            "false",
+        ])
+        .unwrap();
+        assert_eq!(
+            c3.cuda,
+            CudaOptions {
+                attention: AttentionChoice::Simple,
+                kv_copy: KvCopyMode::Memcpy,
+                layer_overlap: false
+            }
         );
         assert_eq!(c.policy, PolicyKind::HotPrefix);
         assert_eq!(
@@ -435,6 +518,74 @@ mod tests {
         assert!(parse(&["--service", "a:b"]).unwrap().publish.is_none());
     }
 
+    /// A file of this test run under the system's temp directory, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, bytes: &[u8]) -> TempFile {
+            let path = std::env::temp_dir()
+                .join(format!("hotprefix-config-{}-{name}", std::process::id()));
+            std::fs::write(&path, bytes).unwrap();
+            TempFile(path)
+        }
+
+        fn arg(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_chat_template_file_is_read_and_checked_at_start_up() {
+        assert!(
+            parse(&[]).unwrap().chat_template.is_none(),
+            "the model's own template by default"
+        );
+        let source = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}";
+        let good = TempFile::new("good.jinja", source.as_bytes());
+        let c = parse(&["--chat-template", good.arg()]).unwrap();
+        let t = c.chat_template.unwrap();
+        assert_eq!(
+            (t.path.as_path(), t.source.as_str()),
+            (good.0.as_path(), source)
+        );
+        // A configuration dump names the file but does not carry the template.
+        let dump = format!("{t:?}");
+        assert!(
+            dump.contains("good.jinja") && !dump.contains("m.role"),
+            "{dump}"
+        );
+
+        let syntax = TempFile::new("syntax.jinja", b"{% for m in messages %}{{ m.content }}");
+        let binary = TempFile::new("binary.jinja", b"{{ messages }}\xff\xfe");
+        let blank = TempFile::new("blank.jinja", b" \n\t\n");
+        let huge = TempFile::new(
+            "huge.jinja",
+            &vec![b'x'; crate::source::MAX_CHAT_TEMPLATE_BYTES as usize + 1],
+        );
+        let missing = std::env::temp_dir().join("hotprefix-config-no-such-template.jinja");
+        let dir = std::env::temp_dir();
+        for (path, needle) in [
+            (syntax.arg(), "syntax"),
+            (binary.arg(), "UTF-8"),
+            (blank.arg(), "empty"),
+            (huge.arg(), "larger than"),
+            (missing.to_str().unwrap(), "No such file"),
+            (dir.to_str().unwrap(), "not a regular file"),
+        ] {
+            let e = parse(&["--chat-template", path]).expect_err(path);
+            assert!(
+                e.contains("--chat-template") && e.contains(path) && e.contains(needle),
+                "{path}: {e}"
+            );
+        }
+    }
+
     #[test]
     fn bad_values_are_refused_with_the_flag_named() {
         for (args, needle) in [
@@ -445,6 +596,14 @@ mod tests {
             ),
             (&["--max-running", "600"][..], "--max-running"),
             (&["--threads", "0"][..], "--threads"),
+            (&["--gpu-memory-fraction", "0"][..], "--gpu-memory-fraction"),
+            (
+                &["--gpu-memory-fraction", "1.5"][..],
+                "--gpu-memory-fraction",
+            ),
+            (&["--cuda-attention", "fast"][..], "fast"),
+            (&["--kv-copy", "dma"][..], "dma"),
+            (&["--layer-overlap", "maybe"][..], "maybe"),
             (&["--log-format", "xml"][..], "--log-format"),
             (
                 &["--otlp-endpoint", "https://collector:4318"][..],

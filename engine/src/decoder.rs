@@ -82,6 +82,39 @@ impl<B: Backend> Decoder<B> {
         batch: &StepBatch,
         logits_rows: &[usize],
     ) -> Result<Vec<Vec<f32>>, BackendError> {
+        let Some(logits) = self.forward(backend, tokens, batch, logits_rows)? else {
+            return Ok(Vec::new());
+        };
+        let flat = backend.to_host(&logits)?;
+        Ok(flat
+            .chunks_exact(self.cfg.vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+
+    /// [`Decoder::step`] for greedy decoding: the index of the largest logit of each row in
+    /// `logits_rows` (computed by the backend, so only the token ids leave a GPU).
+    pub fn step_greedy(
+        &self,
+        backend: &mut B,
+        tokens: &[u32],
+        batch: &StepBatch,
+        logits_rows: &[usize],
+    ) -> Result<Vec<u32>, BackendError> {
+        match self.forward(backend, tokens, batch, logits_rows)? {
+            Some(logits) => backend.argmax_rows(&logits, self.cfg.vocab),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The layers, then the logits of `logits_rows` (`None` when there are none).
+    fn forward(
+        &self,
+        backend: &mut B,
+        tokens: &[u32],
+        batch: &StepBatch,
+        logits_rows: &[usize],
+    ) -> Result<Option<B::Tensor>, BackendError> {
         let c = &self.cfg;
         let n = tokens.len();
         batch.validate()?;
@@ -92,7 +125,7 @@ impl<B: Backend> Decoder<B> {
             )));
         }
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let (h, qd, kvd) = (c.hidden, c.heads * c.head_dim, c.kv_dim());
         let mut x = backend.tensor(n, h)?;
@@ -129,7 +162,7 @@ impl<B: Backend> Decoder<B> {
             backend.add(&mut x, &proj)?;
         }
         if logits_rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let last = backend.select_rows(&x, logits_rows)?;
         let mut normed = backend.tensor(logits_rows.len(), h)?;
@@ -140,7 +173,6 @@ impl<B: Backend> Decoder<B> {
             self.output.as_ref().unwrap_or(&self.embed),
             &mut logits,
         )?;
-        let flat = backend.to_host(&logits)?;
-        Ok(flat.chunks_exact(c.vocab).map(<[f32]>::to_vec).collect())
+        Ok(Some(logits))
     }
 }

@@ -78,6 +78,7 @@ pub struct EngineHandle {
     alive: Arc<AtomicBool>,
     metrics: Arc<EngineMetrics>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    backend: &'static str,
 }
 
 impl EngineHandle {
@@ -89,6 +90,7 @@ impl EngineHandle {
         let (tx, rx) = channel();
         let limits = scheduler.limits();
         let max_waiting = scheduler.config().max_waiting;
+        let backend = scheduler.backend_name();
         let in_channel = Arc::new(AtomicUsize::new(0));
         let alive = Arc::new(AtomicBool::new(true));
         let (c, a) = (Arc::clone(&in_channel), Arc::clone(&alive));
@@ -111,7 +113,13 @@ impl EngineHandle {
             alive,
             metrics,
             thread: Arc::new(Mutex::new(Some(thread))),
+            backend,
         })
+    }
+
+    /// The compute backend the engine runs on (`cpu`, `cuda`).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend
     }
 
     /// What requests are checked against.

@@ -413,6 +413,34 @@ impl LlamaModel {
         }
     }
 
+    /// Rounds every weight matrix to the nearest bf16 value (norm weights and biases stay f32):
+    /// the weights exactly as the CUDA backend holds them, so a CPU run of the rounded model is
+    /// the reference its results are compared with.
+    pub fn round_matrices_to_bf16(&mut self) {
+        let round = |m: &mut Matrix| {
+            for x in &mut m.data {
+                *x = half::bf16::from_f32(*x).to_f32();
+            }
+        };
+        round(&mut self.embed);
+        if let Some(o) = &mut self.output {
+            round(o);
+        }
+        for l in &mut self.layers {
+            for m in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                round(m);
+            }
+        }
+    }
+
     /// Loads and dequantises every weight.
     pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
         let cfg = LlamaConfig::from_gguf(g)?;

@@ -95,10 +95,16 @@ impl Sampler {
         }
     }
 
+    /// Whether this sampler always takes the largest logit (so the backend may compute the
+    /// argmax itself and send only the token id).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0 || self.params.top_k == Some(1)
+    }
+
     /// The next token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        if p.temperature == 0.0 || p.top_k == Some(1) || logits.len() <= 1 {
+        if self.is_greedy() || logits.len() <= 1 {
             return crate::model::argmax(logits);
         }
         let c = &mut self.scratch;

@@ -337,7 +337,7 @@ impl<B: Backend> Scheduler<B> {
         let mut cache_cfg = CacheConfig::new(
             cfg.policy,
             cfg.block_size,
-            kv_block_bytes(&mcfg, cfg.block_size),
+            kv_block_bytes(&mcfg, cfg.block_size, backend.kv_value_bytes()),
             cfg.device_blocks,
             cfg.host_blocks,
         );
@@ -370,6 +370,11 @@ impl<B: Backend> Scheduler<B> {
             steps: 0,
             metrics,
         })
+    }
+
+    /// The backend's name (`cpu`, `cuda`).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
     }
 
     /// What requests are checked against.
@@ -738,9 +743,21 @@ impl<B: Backend> Scheduler<B> {
             wants.push(last);
         }
         let step_start = Instant::now();
-        let result = self
-            .decoder
-            .step(&mut self.backend, &tokens, &batch, &logits_rows);
+        // When every row that samples is greedy, the backend takes the argmax itself and only
+        // token ids come back (a GPU then copies 4 bytes per row instead of a row of logits).
+        let greedy = plan
+            .iter()
+            .zip(&wants)
+            .all(|(&(i, _), &want)| !want || self.running[i].sampler.is_greedy());
+        let result = if greedy {
+            self.decoder
+                .step_greedy(&mut self.backend, &tokens, &batch, &logits_rows)
+                .map(|ids| ids.into_iter().map(Sampled::Token).collect::<Vec<_>>())
+        } else {
+            self.decoder
+                .step(&mut self.backend, &tokens, &batch, &logits_rows)
+                .map(|l| l.into_iter().map(Sampled::Logits).collect())
+        };
         self.steps += 1;
         self.metrics
             .step(tokens.len(), logits_rows.len(), step_start.elapsed());
@@ -766,8 +783,11 @@ impl<B: Backend> Scheduler<B> {
             if !want {
                 continue;
             }
-            let Some(l) = logits.next() else { break };
-            let next = s.sampler.sample(&l);
+            let next = match logits.next() {
+                Some(Sampled::Token(t)) => t,
+                Some(Sampled::Logits(l)) => s.sampler.sample(&l),
+                None => break,
+            };
             if s.req.stop_tokens.contains(&next) {
                 finished.push((i, Some(FinishReason::Stop)));
                 continue;
@@ -875,6 +895,12 @@ impl<B: Backend> Scheduler<B> {
         }
         Ok(())
     }
+}
+
+/// What a step gives back for a row that samples: its logits, or (greedy steps) its token.
+enum Sampled {
+    Logits(Vec<f32>),
+    Token(u32),
 }
 
 /// Inserts `s`'s computed full blocks beyond its lease; canonical slots replace its own where

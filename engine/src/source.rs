@@ -1,14 +1,16 @@
 //! Where a served model comes from: a GGUF file, a Hugging Face model directory, or
 //! `random:<preset>` (random weights of a named shape, for tests and performance work), parsed
-//! from the command line and loaded with its tokenizer, chat template and stop tokens.
+//! from the command line and loaded with its tokenizer, chat template and stop tokens; and the
+//! `--chat-template` file that may replace the model's template, for engine and router alike.
 
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use thiserror::Error;
 
-use crate::chat::{ChatError, ChatTemplate};
+use crate::chat::{CHATML_TEMPLATE, ChatError, ChatTemplate};
 use crate::gguf::{GgufError, GgufFile};
 use crate::hf::{self, HfConfig, HfError};
 use crate::model::{LlamaConfig, LlamaModel, ModelError};
@@ -75,6 +77,14 @@ pub enum SourceError {
     /// The chat template does not compile.
     #[error(transparent)]
     Chat(#[from] ChatError),
+    /// A `--chat-template` file that cannot be used.
+    #[error("chat template file {}: {reason}", path.display())]
+    ChatTemplateFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The tokenizer's ids do not fit the model.
     #[error("model {0}")]
     Mismatch(String),
@@ -132,7 +142,8 @@ pub struct LoadedModel {
     pub model: LlamaModel,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
-    /// Its chat template (ChatML when the model has none).
+    /// Its chat template (ChatML when the model has none; [`apply_chat_template`] replaces it
+    /// by a `--chat-template` file's).
     pub chat: ChatTemplate,
     /// The name it is served under: a GGUF file's name without `.gguf`, in lower case with
     /// dashes, a Hugging Face directory's name, or
@@ -244,10 +255,7 @@ fn gguf_text(g: &GgufFile, path: &Path) -> Result<TextModel, SourceError> {
     };
     let bos = text(g.meta_u64("tokenizer.ggml.bos_token_id"));
     let eos = text(Some(u64::from(tokenizer.eos())));
-    let chat = match g.meta_str("tokenizer.chat_template") {
-        Some(source) => ChatTemplate::new(source, &bos, &eos)?,
-        None => ChatTemplate::chatml()?,
-    };
+    let chat = own_template(g.meta_str("tokenizer.chat_template"), &bos, &eos)?;
     // The file name, not `general.name`: it names the variant (quantisation included), and
     // it is what users see on disk and pass on the command line.
     let id = Some(slug(&file_name(path, true)))
@@ -270,12 +278,11 @@ fn load_hf(dir: &Path) -> Result<LoadedModel, SourceError> {
 /// The tokenizer, chat template and id of a Hugging Face directory (no weights read).
 fn hf_text(dir: &Path, cfg: &HfConfig) -> Result<TextModel, SourceError> {
     let t = hf::load_tokenizer(dir, cfg)?;
-    let chat = match &t.chat_template {
-        Some(source) => {
-            ChatTemplate::new(source, t.bos_token.as_deref().unwrap_or(""), &t.eos_token)?
-        }
-        None => ChatTemplate::chatml()?,
-    };
+    let chat = own_template(
+        t.chat_template.as_deref(),
+        t.bos_token.as_deref().unwrap_or(""),
+        &t.eos_token,
+    )?;
     Ok(TextModel {
         tokenizer: t.tokenizer,
         chat,
@@ -298,11 +305,24 @@ fn random_config(name: &str) -> Result<LlamaConfig, SourceError> {
 
 /// A random preset's byte-level tokenizer, ChatML and id.
 fn random_text(name: &str, cfg: &LlamaConfig) -> Result<TextModel, SourceError> {
+    let tokenizer = Tokenizer::bytes(cfg.vocab)?;
+    let eos = tokenizer.token(tokenizer.eos()).unwrap_or_default();
     Ok(TextModel {
-        tokenizer: Tokenizer::bytes(cfg.vocab)?,
-        chat: ChatTemplate::chatml()?,
+        chat: own_template(None, "", &eos)?,
+        tokenizer,
         id: format!("random-{name}"),
     })
+}
+
+/// A model's own chat template `source`, or ChatML for a model without one, printing the
+/// model's `bos` and `eos` token texts. ChatML itself prints neither, but a `--chat-template`
+/// that replaces it ([`ChatTemplate::with_source`]) may.
+fn own_template(source: Option<&str>, bos: &str, eos: &str) -> Result<ChatTemplate, SourceError> {
+    Ok(ChatTemplate::new(
+        source.unwrap_or(CHATML_TEMPLATE),
+        bos,
+        eos,
+    )?)
 }
 
 /// What a model's requests are tokenized with, without its weights: what the router needs to
@@ -324,5 +344,134 @@ pub fn load_text(source: &ModelSource) -> Result<TextModel, SourceError> {
         ModelSource::Gguf(path) => gguf_text(&GgufFile::open(path)?, path),
         ModelSource::HuggingFace(dir) => hf_text(dir, &HfConfig::read(dir)?),
         ModelSource::Random(name) => random_text(name, &random_config(name)?),
+    }
+}
+
+/// The largest `--chat-template` file read: Hugging Face's longest templates (tool use,
+/// several formats in one) are tens of KiB, and a file far beyond that is a wrong path (a model
+/// file, say), not a template.
+pub const MAX_CHAT_TEMPLATE_BYTES: u64 = 1 << 20;
+
+/// A Jinja chat template read from a file (`--chat-template FILE`) to replace the model's
+/// own: read once and compiled when the configuration is validated, so that a missing,
+/// unreadable or broken file fails at start-up, and applied to the model by
+/// [`apply_chat_template`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChatTemplateFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The template's source.
+    pub source: String,
+}
+
+impl fmt::Debug for ChatTemplateFile {
+    /// The path and the size: configuration dumps need not carry a whole template.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatTemplateFile")
+            .field("path", &self.path)
+            .field("bytes", &self.source.len())
+            .finish()
+    }
+}
+
+impl ChatTemplateFile {
+    /// Reads `path`: a regular file of at most [`MAX_CHAT_TEMPLATE_BYTES`] of UTF-8 text, not
+    /// blank, that compiles as a template.
+    pub fn read(path: &Path) -> Result<ChatTemplateFile, SourceError> {
+        let bad = |reason: String| SourceError::ChatTemplateFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        // Checked before opening: opening a FIFO would block until something writes to it.
+        // (The metadata follows symbolic links, as a mounted ConfigMap's files are.)
+        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(bad("not a regular file".into()));
+        }
+        let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+        let mut bytes = Vec::new();
+        file.take(MAX_CHAT_TEMPLATE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(e.to_string()))?;
+        if bytes.len() as u64 > MAX_CHAT_TEMPLATE_BYTES {
+            return Err(bad(format!(
+                "larger than {MAX_CHAT_TEMPLATE_BYTES} bytes; is it a template?"
+            )));
+        }
+        let source = String::from_utf8(bytes).map_err(|e| {
+            bad(format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ))
+        })?;
+        if source.trim().is_empty() {
+            return Err(bad("empty: a template must render the conversation".into()));
+        }
+        // Compiled here only to check it; the model's special tokens are not known yet.
+        ChatTemplate::new(&source, "", "").map_err(|e| bad(e.to_string()))?;
+        Ok(ChatTemplateFile {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Replaces `chat`, a model's template as [`load`] or [`load_text`] gave it, by `template`
+/// when one is given, keeping the model's BOS and EOS texts; without one, `chat` stays. The
+/// engine and the router both call this on the model they loaded, so a conversation renders
+/// into the same prompt on both sides and its blocks get the same hashes.
+pub fn apply_chat_template(
+    chat: &mut ChatTemplate,
+    template: Option<&ChatTemplateFile>,
+) -> Result<(), SourceError> {
+    if let Some(t) = template {
+        *chat = chat
+            .with_source(&t.source)
+            .map_err(|e| SourceError::ChatTemplateFile {
+                path: t.path.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::ChatMessage;
+
+    #[test]
+    fn an_override_replaces_the_template_and_keeps_the_models_special_tokens() {
+        let mut text = load_text(&ModelSource::Random("tiny".into())).unwrap();
+        let chat = [ChatMessage::new("user", "hi")];
+        let own = text.chat.render(&chat, true).unwrap();
+        assert_eq!(
+            own,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        // No override: the model's template stays.
+        apply_chat_template(&mut text.chat, None).unwrap();
+        assert_eq!(text.chat.render(&chat, true).unwrap(), own);
+        let file = ChatTemplateFile {
+            path: "override.jinja".into(),
+            source:
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token }}{% endfor %}\
+                     {% if add_generation_prompt %}assistant:{% endif %}"
+                    .into(),
+        };
+        apply_chat_template(&mut text.chat, Some(&file)).unwrap();
+        // The override renders, with the tokenizer's EOS text (the byte tokenizer's is
+        // <|endoftext|>).
+        assert_eq!(
+            text.chat.render(&chat, true).unwrap(),
+            "user: hi<|endoftext|>assistant:"
+        );
+        // A template that cannot compile is refused with its file named.
+        let broken = ChatTemplateFile {
+            path: "broken.jinja".into(),
+            source: "{% if %}".into(),
+        };
+        let e = apply_chat_template(&mut text.chat, Some(&broken)).unwrap_err();
+        assert!(e.to_string().contains("broken.jinja"), "{e}");
     }
 }

@@ -1374,6 +1374,51 @@ async fn stop_strings_end_the_text_before_them() {
     srv.finish().await;
 }
 
+/// `--chat-template FILE` replaces the model's template: a chat request's prompt is the
+/// file's rendering of the conversation (random:tiny tokenizes byte by byte, so the prompt's
+/// length is the rendered text's), not the model's ChatML.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_template_file_replaces_the_models_template() {
+    let path = std::env::temp_dir().join(format!(
+        "hotprefix-http-{}-template.jinja",
+        std::process::id()
+    ));
+    std::fs::write(
+        &path,
+        "{% for m in messages %}<<{{ m.role }}>> {{ m.content }}\n{% endfor %}\
+         {% if add_generation_prompt %}<<assistant>> {% endif %}",
+    )
+    .unwrap();
+    let srv = TestServer::tiny(&["--chat-template", path.to_str().unwrap()]).await;
+    let _ = std::fs::remove_file(&path);
+    let body = json!({
+        "model": TINY, "max_tokens": 2, "temperature": 0,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    });
+    let r = post(srv.addr, "/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rendered = "<<system>> Be brief.\n<<user>> hi\n<<assistant>> ";
+    assert_eq!(r.json()["usage"]["prompt_tokens"], rendered.len());
+    // The model's own template would have given another prompt.
+    let chatml = hotprefix_engine::chat::ChatTemplate::chatml()
+        .unwrap()
+        .render(
+            &[
+                hotprefix_engine::chat::ChatMessage::new("system", "Be brief."),
+                hotprefix_engine::chat::ChatMessage::new("user", "hi"),
+            ],
+            true,
+        )
+        .unwrap();
+    let own = srv.state.tokenizer.encode_chat(&chatml).unwrap().len();
+    assert_ne!(own, rendered.len());
+    // Completions take the prompt as it is: no template involved.
+    let c = json!({"model": TINY, "prompt": "<<user>> hi", "max_tokens": 1});
+    let r = post(srv.addr, "/v1/completions", &c).await;
+    assert_eq!(r.json()["usage"]["prompt_tokens"], "<<user>> hi".len());
+    srv.finish().await;
+}
+
 /// Shutdown while a long stream runs: the server turns not ready and refuses new requests at
 /// once, the stream ends (aborted after the short grace period, with an error event and
 /// `[DONE]`), and `run` returns promptly with the engine thread stopped.

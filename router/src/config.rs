@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::http::HeaderName;
 use clap::Parser;
 use hotprefix_engine::publish::{RedisTarget, RedisUrl, Secret};
-use hotprefix_engine::source::ModelSource;
+use hotprefix_engine::source::{ChatTemplateFile, ModelSource};
 use hotprefix_protocol::cluster::Keys;
 
 use crate::kubernetes::{KubernetesOptions, PortSpec, is_dns_label, pod_namespace};
@@ -57,6 +57,11 @@ pub struct RouterArgs {
     /// engines do; without it routing sees no prefixes.
     #[arg(long, env = "HOTPREFIX_MODEL")]
     pub model: Option<String>,
+    /// The engines' `--chat-template` file, if they have one: the Jinja chat template that
+    /// replaces the model's, so that chat requests are tokenized as the engines tokenize them
+    /// (needs `--model`).
+    #[arg(long, env = "HOTPREFIX_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Require `Authorization: Bearer <key>` on /v1 and /debug.
     #[arg(long, env = "HOTPREFIX_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -87,7 +92,12 @@ pub struct RouterArgs {
     /// hotprefix: cost of a token of queued work against a token of saved prefill.
     #[arg(long, env = "HOTPREFIX_LOAD_WEIGHT", default_value_t = HotPrefixWeights::default().load_weight)]
     pub load_weight: f64,
-    /// hotprefix: skip a replica whose queued work exceeds this times the mean (0 = never).
+    /// hotprefix: weight of the queueing externality, the requests a recomputed prefix delays
+    /// besides its own (0 = weigh a request's own wait against its own prefill only).
+    #[arg(long, env = "HOTPREFIX_QUEUE_EXTERNALITY", default_value_t = HotPrefixWeights::default().queue_externality)]
+    pub queue_externality: f64,
+    /// hotprefix: skip the best replica when the request would pay there more than this times
+    /// the least it would pay anywhere, queue plus prefill (0 = never, else at least 1).
     #[arg(long, env = "HOTPREFIX_HOT_SPOT_FACTOR", default_value_t = HotPrefixWeights::default().hot_spot_factor)]
     pub hot_spot_factor: f64,
     /// hotprefix: milliseconds the router's own decisions count as cached.
@@ -137,6 +147,8 @@ pub struct RouterConfig {
     pub policy: PolicyConfig,
     /// The model to tokenize with.
     pub model: Option<ModelSource>,
+    /// The chat template replacing the model's (`--chat-template`, read and compiled).
+    pub chat_template: Option<ChatTemplateFile>,
     /// Proxy settings.
     pub proxy: ProxyConfig,
     /// Time limit for connecting to a replica.
@@ -158,13 +170,17 @@ impl RouterArgs {
         let weights = HotPrefixWeights {
             host_weight: self.host_weight,
             load_weight: self.load_weight,
+            queue_externality: self.queue_externality,
             hot_spot_factor: self.hot_spot_factor,
             recent_ms: self.recent_ms,
             ..HotPrefixWeights::default()
         };
-        weights
-            .validate()
-            .map_err(|e| err("host-weight/load-weight/hot-spot-factor", e))?;
+        weights.validate().map_err(|e| {
+            err(
+                "host-weight/load-weight/queue-externality/hot-spot-factor",
+                e,
+            )
+        })?;
         let keys = Keys::new(&self.service).map_err(|e| err("service", e.to_string()))?;
         for url in &self.replicas {
             if !(url.starts_with("http://") && url.len() > "http://".len()) {
@@ -221,6 +237,18 @@ impl RouterArgs {
                     .map_err(|e| err("model", e.to_string()))
             })
             .transpose()?;
+        let chat_template = match (self.chat_template, &model) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(err(
+                    "chat-template",
+                    "needs --model: the template is applied to the model's tokenizer",
+                ));
+            }
+            (Some(path), Some(_)) => Some(
+                ChatTemplateFile::read(&path).map_err(|e| err("chat-template", e.to_string()))?,
+            ),
+        };
         let session_header = HeaderName::try_from(self.session_header.as_str())
             .map_err(|e| err("session-header", e.to_string()))?;
         // An empty value (an unset variable in a manifest) means no export, as OpenTelemetry's
@@ -254,6 +282,7 @@ impl RouterArgs {
                 ..PolicyConfig::default()
             },
             model,
+            chat_template,
             proxy: ProxyConfig {
                 api_key: self.api_key.filter(|k| !k.is_empty()),
                 max_body_bytes: self.max_body_bytes,
@@ -320,6 +349,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_chat_template_needs_the_model_and_a_file_that_compiles() {
+        let dir = std::env::temp_dir();
+        let path = |name: &str| dir.join(format!("hotprefix-router-{}-{name}", std::process::id()));
+        let good = path("good.jinja");
+        let bad = path("bad.jinja");
+        std::fs::write(&good, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+        std::fs::write(&bad, "{% for m in messages %}").unwrap();
+        let (good_s, bad_s) = (good.to_str().unwrap(), bad.to_str().unwrap());
+        let base = ["--replicas", "http://a", "--model", "random:tiny"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            args(&v)
+        };
+        assert!(with(&[]).unwrap().chat_template.is_none());
+        let c = with(&["--chat-template", good_s]).unwrap();
+        assert_eq!(c.chat_template.unwrap().path, good);
+        let missing = path("missing.jinja");
+        for (extra, needle) in [
+            (vec!["--chat-template", bad_s], "syntax"),
+            (
+                vec!["--chat-template", missing.to_str().unwrap()],
+                "No such file",
+            ),
+        ] {
+            let e = with(&extra).unwrap_err();
+            assert_eq!(e.flag, "chat-template");
+            let text = e.to_string();
+            assert!(
+                text.starts_with("--chat-template: ") && text.contains(needle),
+                "{text}"
+            );
+        }
+        // Without a model there is nothing to apply it to.
+        let e = args(&["--replicas", "http://a", "--chat-template", good_s]).unwrap_err();
+        assert_eq!(e.flag, "chat-template");
+        assert!(e.to_string().contains("--model"), "{e}");
+        let _ = std::fs::remove_file(good);
+        let _ = std::fs::remove_file(bad);
     }
 
     #[test]

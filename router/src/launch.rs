@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use hotprefix_engine::source::{SourceError, load_text};
+use hotprefix_engine::source::{SourceError, apply_chat_template, load_text};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -49,7 +49,13 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 /// Starts the router's background tasks; call inside a tokio runtime.
 pub fn launch(cfg: &RouterConfig) -> Result<Launched, LaunchError> {
     let text = match &cfg.model {
-        Some(m) => Some(Arc::new(load_text(m)?)),
+        Some(m) => {
+            // The engines' own sequence: the model's text side, then the --chat-template
+            // override, so that both render a conversation into the same prompt.
+            let mut text = load_text(m)?;
+            apply_chat_template(&mut text.chat, cfg.chat_template.as_ref())?;
+            Some(Arc::new(text))
+        }
         None => None,
     };
     let registry = Arc::new(Registry::new(cfg.eject_after));

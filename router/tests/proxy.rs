@@ -129,10 +129,47 @@ async fn requests_are_proxied_streamed_and_routed_to_the_replica_that_served_the
     r.launched.unwrap().stop().await;
 }
 
+/// The prompt tokens of `req` as an engine launched with `flags` (beside `--model
+/// random:tiny`) renders and tokenizes it, and as a router launched with the same flags does;
+/// each side built by its binary's own configuration and launch code.
+async fn both_sides(
+    flags: &[&str],
+    req: &hotprefix_engine::api::ChatRequest,
+) -> (Vec<u32>, Vec<u32>) {
+    use clap::Parser;
+    let mut args = vec![
+        "hotprefix-engine",
+        "--model",
+        "random:tiny",
+        "--backend",
+        "cpu",
+        "--device-cache-tokens",
+        "4096",
+    ];
+    args.extend_from_slice(flags);
+    let cfg = hotprefix_engine::config::EngineArgs::try_parse_from(args)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let engine = hotprefix_engine::launch::launch(&cfg).unwrap();
+    let mut args = vec!["--replicas", "http://127.0.0.1:9", "--model", "random:tiny"];
+    args.extend_from_slice(flags);
+    let r = router(&args).await;
+    let launched = r.launched.unwrap();
+    let text = launched.state.text.clone().unwrap();
+    let at_router =
+        hotprefix_engine::prompt::chat_prompt(&text.tokenizer, &text.chat, req).unwrap();
+    let at_engine =
+        hotprefix_engine::prompt::chat_prompt(&engine.tokenizer, &engine.chat, req).unwrap();
+    launched.stop().await;
+    (at_router, at_engine)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_and_engine_hash_a_request_into_the_same_blocks() {
     // The router's tokenization (engine code, weights not loaded) and the engine's prompt give
-    // the same tokens, hence the same block hashes under the same salt.
+    // the same tokens, hence the same block hashes under the same salt: with the model's own
+    // chat template, and with a --chat-template file given to both.
     use hotprefix_engine::api::ChatRequest;
     use hotprefix_engine::source::{ModelSource, load, load_text};
     use hotprefix_protocol::{BlockHash, Salt, hash_blocks};
@@ -145,15 +182,40 @@ async fn router_and_engine_hash_a_request_into_the_same_blocks() {
         "messages": [{"role": "system", "content": "be brief ".repeat(30)}, {"role": "user", "content": "hi"}]
     }))
     .unwrap();
-    let a = hotprefix_engine::prompt::chat_prompt(&text.tokenizer, &text.chat, &req).unwrap();
-    let b = hotprefix_engine::prompt::chat_prompt(&full.tokenizer, &full.chat, &req).unwrap();
-    assert_eq!(a, b);
     let salt = Salt::new(&full.id, None, None);
-    assert_eq!(
-        hash_blocks(&a, 16, salt, BlockHash::ROOT),
-        hash_blocks(&b, 16, salt, BlockHash::ROOT)
-    );
+    let blocks = |tokens: &[u32]| hash_blocks(tokens, 16, salt, BlockHash::ROOT);
+    let (a, b) = both_sides(&[], &req).await;
+    assert_eq!(a, b);
+    assert_eq!(blocks(&a), blocks(&b));
     assert!(a.len() >= 32);
+    // The model's template, as load and load_text give it.
+    assert_eq!(
+        a,
+        hotprefix_engine::prompt::chat_prompt(&full.tokenizer, &full.chat, &req).unwrap()
+    );
+
+    let path = std::env::temp_dir().join(format!(
+        "hotprefix-router-proxy-{}-template.jinja",
+        std::process::id()
+    ));
+    std::fs::write(
+        &path,
+        "{{ bos_token }}{% for m in messages %}### {{ m.role | upper }}\n{{ m.content }}{{ eos_token }}\n\
+         {% endfor %}{% if add_generation_prompt %}### ASSISTANT\n{% endif %}",
+    )
+    .unwrap();
+    let (c, d) = both_sides(&["--chat-template", path.to_str().unwrap()], &req).await;
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(c, d, "both sides render with the override");
+    assert_eq!(blocks(&c), blocks(&d));
+    assert_ne!(c, a, "the override changed the prompt");
+    // The override's text, byte by byte (the byte-level tokenizer), its EOS the model's own
+    // special token.
+    let eos = full.tokenizer.token_id("<|endoftext|>").unwrap();
+    assert!(c.starts_with(&"### SYSTEM\n".bytes().map(u32::from).collect::<Vec<_>>()));
+    assert_eq!(c.iter().filter(|&&t| t == eos).count(), 2, "{c:?}");
+    let (ca, cc) = (blocks(&a), blocks(&c));
+    assert_ne!(ca[0], cc[0], "different prompts, different blocks");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

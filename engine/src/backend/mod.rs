@@ -1,9 +1,13 @@
 //! The compute seam: every numeric operation of the decoder, the KV block pools of both tiers,
 //! and the copies between them. The decoder ([`crate::decoder`]) is written once against
 //! [`Backend`]; the CPU backend ([`cpu`]) implements it with `faer` and rayon, and the CUDA
-//! backend (issue 6) implements the same trait without the model or the scheduler changing.
+//! backend ([`cuda`]) with cuBLAS and the NVRTC kernels of `kernels/`, without the model or the
+//! scheduler changing.
 
 pub mod cpu;
+// The only module where `unsafe` is allowed: calls into the CUDA driver, NVRTC and cuBLAS.
+#[allow(unsafe_code)]
+pub mod cuda;
 
 use std::fmt;
 use std::ops::Range;
@@ -28,6 +32,9 @@ pub enum BackendError {
     /// The backend named in the configuration is not available here.
     #[error("backend: {0}")]
     Unavailable(String),
+    /// A GPU call failed (driver, NVRTC or cuBLAS).
+    #[error("backend: CUDA: {0}")]
+    Device(String),
 }
 
 /// Which backend to run on, as the `--backend` flag names it.
@@ -130,10 +137,10 @@ pub struct KvLayout {
     pub host_blocks: usize,
 }
 
-/// Bytes one block of KV takes for a model of shape `cfg` stored in f32 (keys and values of
-/// every layer).
-pub fn kv_block_bytes(cfg: &LlamaConfig, block_size: usize) -> u64 {
-    (2 * cfg.layers * block_size * cfg.kv_dim() * 4) as u64
+/// Bytes one block of KV takes for a model of shape `cfg` stored with `value_bytes` per value
+/// (keys and values of every layer): 4 on the CPU backend (f32), 2 on CUDA (bf16).
+pub fn kv_block_bytes(cfg: &LlamaConfig, block_size: usize, value_bytes: usize) -> u64 {
+    (2 * cfg.layers * block_size * cfg.kv_dim() * value_bytes) as u64
 }
 
 /// Numeric operations on row-major activations (`rows` tokens of `cols` values), the KV block
@@ -152,6 +159,10 @@ pub trait Backend: Send + fmt::Debug {
 
     /// Short name for logs and metrics (`cpu`, `cuda`).
     fn name(&self) -> &'static str;
+    /// Bytes per stored KV value: 4 (f32) unless the backend stores them narrower.
+    fn kv_value_bytes(&self) -> usize {
+        4
+    }
     /// Moves a weight matrix into the backend (the CPU backend keeps it as it is).
     fn upload_matrix(&mut self, m: Matrix) -> Result<Self::Matrix, BackendError>;
     /// Moves a weight vector into the backend.
@@ -224,6 +235,15 @@ pub trait Backend: Send + fmt::Debug {
     ) -> Result<Self::Tensor, BackendError>;
     /// The values of `x`, row after row, in host memory.
     fn to_host(&mut self, x: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
+    /// The index of the largest value of each `cols`-wide row of `x` (the first one on ties,
+    /// as [`crate::model::argmax`]): greedy sampling without copying whole rows of logits to
+    /// the host. The default copies them and scans.
+    fn argmax_rows(&mut self, x: &Self::Tensor, cols: usize) -> Result<Vec<u32>, BackendError> {
+        let v = self.to_host(x)?;
+        Ok(v.chunks_exact(cols.max(1))
+            .map(crate::model::argmax)
+            .collect())
+    }
 
     /// Allocates both KV pools for a model of shape `cfg` (replacing any earlier ones).
     fn allocate_kv(&mut self, cfg: &LlamaConfig, layout: KvLayout) -> Result<(), BackendError>;
