@@ -23,7 +23,15 @@ bash scripts/fetch-model.sh
 bash scripts/setup-redis.sh
 # The official OpenAI Python client, pinned, in .venv (engine/tests/openai_client.rs uses it).
 bash scripts/setup-python.sh
+# NVRTC from PyPI, so the CUDA kernels' compile check runs here without CUDA
+# (engine/tests/cuda.rs fails rather than skips when HOTPREFIX_REQUIRE_NVRTC is set).
+NVRTC_LIB=$(bash scripts/setup-nvrtc.sh)
+export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export HOTPREFIX_REQUIRE_NVRTC=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# Helm lint and template of the chart, kubernetes-validate --strict (Kubernetes 1.33) of the
+# chart, the CRD and the operator's objects for the examples, the examples against the CRD.
+bash scripts/check-manifests.sh
