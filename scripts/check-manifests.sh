@@ -89,4 +89,18 @@ done
 
 echo "check-manifests: examples against the CRD"
 .venv/bin/python scripts/validate-crs.py "$CRD" examples/*.yaml
+# The same check must refuse what the API server refuses, or passing it says nothing: a
+# schema violation (an unknown field) and a CEL rule (a hot-spot factor the router refuses).
+for edit in 's/^  router:$/  router:\n    bogusField: 1/' 's/hotSpotFactor: 2$/hotSpotFactor: 0.5/'; do
+    sed "$edit" examples/full.yaml >"$out/refused.yaml"
+    if cmp -s examples/full.yaml "$out/refused.yaml"; then
+        echo "error: the edit '$edit' changed nothing in examples/full.yaml" >&2
+        exit 1
+    fi
+    if .venv/bin/python scripts/validate-crs.py "$CRD" "$out/refused.yaml" >"$out/refused.txt"; then
+        cat "$out/refused.txt" >&2
+        echo "error: the CRD check accepted examples/full.yaml edited with '$edit'" >&2
+        exit 1
+    fi
+done
 echo "check-manifests: ok"

@@ -60,6 +60,23 @@ def apply_defaults(schema, value):
             apply_defaults(schema["items"], v)
 
 
+def as_typed(schema, value):
+    """`value` with the numbers of `type: number` fields as floats: the API server hands CEL a
+    double for them even when the YAML wrote an integer (`hotSpotFactor: 2`)."""
+    if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {
+            k: as_typed(props.get(k) or (extra if isinstance(extra, dict) else {}), v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [as_typed(schema.get("items", {}), v) for v in value]
+    return value
+
+
 CEL = celpy.Environment()
 
 
@@ -124,7 +141,7 @@ def main(argv):
                 for e in validator.iter_errors(obj)
             ]
             if not errors:
-                errors = cel_errors(schema, obj, "(root)")
+                errors = cel_errors(schema, as_typed(schema, obj), "(root)")
             if errors:
                 failed = True
                 for e in errors:

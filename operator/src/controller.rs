@@ -216,6 +216,69 @@ where
     }
 }
 
+/// Whether the API server refused a StatefulSet apply because it changes a field that cannot
+/// change in place (the claim templates when the model's download cache changes size or
+/// storage class, or the model's source changes kind).
+fn immutable_statefulset_change(s: &kube::core::Status) -> bool {
+    s.is_invalid()
+        && s.message
+            .contains("updates to statefulset spec for fields other than")
+}
+
+/// How long [`recreate_engines`] waits for the old StatefulSet to go.
+const RECREATE_WAIT: Duration = Duration::from_secs(30);
+
+/// Replaces the engine StatefulSet whose change the API server cannot apply in place: deletes
+/// it orphaning its pods and claims (so serving goes on and cached downloads are kept), waits
+/// until it is gone, then applies the new one, which adopts the pods and rolls them one at a
+/// time as any template change would.
+async fn recreate_engines(
+    ctx: &Context,
+    hps: &HotPrefixService,
+    engine: &StatefulSet,
+    why: &str,
+) -> Result<StatefulSet, Error> {
+    let ns = hps.namespace().unwrap_or_default();
+    let name = engine.metadata.name.clone().unwrap_or_default();
+    let err = |source| Error::Apply {
+        kind: "StatefulSet".into(),
+        name: name.clone(),
+        source,
+    };
+    tracing::warn!(statefulset = %name, reason = %why, "engine StatefulSet cannot change in place; recreating it, its pods kept");
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "RecreatingEngines".into(),
+        note: Some(format!(
+            "StatefulSet {name} is replaced (its pods and claims are kept): {why}"
+        )),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &hps.object_ref(&())).await {
+        tracing::warn!(error = %e, "emitting an Event failed");
+    }
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    match api.delete(&name, &DeleteParams::orphan()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.is_not_found() => {}
+        Err(e) => return Err(err(e)),
+    }
+    let deadline = Instant::now() + RECREATE_WAIT;
+    while api.get_opt(&name).await.map_err(err)?.is_some() {
+        if Instant::now() >= deadline {
+            return Err(err(kube::Error::Api(Box::new(
+                kube::core::Status::failure(
+                    &format!("the old StatefulSet was not gone after {RECREATE_WAIT:?}; retrying"),
+                    "Timeout",
+                ),
+            ))));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    apply(&ctx.client, &ns, engine).await
+}
+
 /// The children as the API server returned them.
 struct Applied {
     engine: StatefulSet,
@@ -226,11 +289,8 @@ struct Applied {
 
 /// Applies every child, dependencies first, and removes the managed Redis when the spec
 /// switched to an external one and the chat template's ConfigMap when the spec has none.
-async fn apply_all(
-    client: &Client,
-    hps: &HotPrefixService,
-    c: &Children,
-) -> Result<Applied, Error> {
+async fn apply_all(ctx: &Context, hps: &HotPrefixService, c: &Children) -> Result<Applied, Error> {
+    let client = &ctx.client;
     let ns = hps.namespace().unwrap_or_default();
     apply(client, &ns, &c.router_account).await?;
     apply(client, &ns, &c.router_role).await?;
@@ -268,7 +328,15 @@ async fn apply_all(
     }
     apply(client, &ns, &c.engine_config).await?;
     apply(client, &ns, &c.engine_service).await?;
-    let engine = apply(client, &ns, &c.engine).await?;
+    let engine = match apply(client, &ns, &c.engine).await {
+        Err(Error::Apply {
+            source: kube::Error::Api(s),
+            ..
+        }) if immutable_statefulset_change(&s) => {
+            recreate_engines(ctx, hps, &c.engine, &s.message).await?
+        }
+        r => r?,
+    };
     apply(client, &ns, &c.engine_pdb).await?;
     let router = apply(client, &ns, &c.router).await?;
     let router_service = apply(client, &ns, &c.router_service).await?;
@@ -392,7 +460,7 @@ async fn reconcile_inner(hps: &HotPrefixService, ctx: &Context) -> Result<Action
             return Ok(Action::await_change());
         }
     };
-    let applied = match apply_all(&ctx.client, hps, &children).await {
+    let applied = match apply_all(ctx, hps, &children).await {
         Ok(a) => a,
         Err(e) => {
             let message = e.to_string();

@@ -626,6 +626,14 @@ impl Default for RouterSpec {
 /// Weights of the router's `hotprefix` policy (router/src/policy/hotprefix.rs).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+// The router refuses a factor in (0, 1) at start-up, so the API server refuses it first: a
+// spec the router would crash-loop on never reaches a pod.
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.hotSpotFactor) || self.hotSpotFactor == 0.0 || self.hotSpotFactor >= 1.0",
+        "message": "hotSpotFactor must be 0 (off) or at least 1"
+    }
+]))]
 pub struct RouterWeights {
     /// Credit of a host-tier block relative to a device-tier block, in [0, 1]. Default: 0.9.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -635,7 +643,15 @@ pub struct RouterWeights {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub load_weight: Option<f64>,
-    /// Skip a replica whose queued work exceeds this times the mean (0: never). Default: 2.
+    /// Weight of the queueing externality: the saved prefill is credited 1 + this times the
+    /// requests queued per replica (0: a request's own wait against its own prefill only).
+    /// Default: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub queue_externality: Option<f64>,
+    /// Skip the best replica when a request would pay there (queued work plus its prefill)
+    /// more than this times the least it would pay at any replica; 0 (never) or at least 1.
+    /// Default: 1.5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub hot_spot_factor: Option<f64>,

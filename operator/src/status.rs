@@ -49,6 +49,12 @@ struct Cond {
     message: String,
 }
 
+/// How long engines may keep the service `Progressing` before it is reported `Degraded`
+/// (StatefulSets have no progress deadline of their own, so a crash-looping engine, an image
+/// that cannot be pulled or a GPU that cannot be scheduled would otherwise show as progressing
+/// for ever). Generous, because the first start of a large model downloads it.
+pub const ENGINE_PROGRESS_DEADLINE_S: i64 = 20 * 60;
+
 /// The engines' rollout state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct EngineState {
@@ -243,7 +249,36 @@ pub fn compute(hps: &HotPrefixService, outcome: Outcome<'_>, now: Time) -> HotPr
             } else {
                 cond(PROGRESSING, false, "Complete", "every child is up to date")
             };
-            let degraded = if router_stuck {
+            // Seconds the engines have kept the service progressing: since `Progressing` last
+            // turned true, while it is still true for an engine reason.
+            let engine_stalled_s = match &progressing {
+                Cond {
+                    status: true,
+                    reason: "EngineScaling" | "EngineRollout" | "EnginesStarting",
+                    ..
+                } => old
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == PROGRESSING && c.status == "True")
+                    .map(|c| now.0.as_second() - c.last_transition_time.0.as_second()),
+                _ => None,
+            };
+            let degraded = if let Some(s) =
+                engine_stalled_s.filter(|s| *s >= ENGINE_PROGRESS_DEADLINE_S)
+            {
+                cond(
+                    DEGRADED,
+                    true,
+                    "EngineRolloutStuck",
+                    &format!(
+                        "{} of {desired} engine replicas ready after {} minutes: see the engine \
+                         pods' events and logs (kubectl describe pod -l {})",
+                        engine.ready,
+                        s / 60,
+                        selector_string(hps, "engine"),
+                    ),
+                )
+            } else if router_stuck {
                 cond(
                     DEGRADED,
                     true,
@@ -305,4 +340,95 @@ fn to_condition(c: Cond, old: &[Condition], generation: Option<i64>, now: &Time)
 /// The condition of `type_`, if set.
 pub fn condition<'a>(status: &'a HotPrefixServiceStatus, type_: &str) -> Option<&'a Condition> {
     status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus, StatefulSetStatus};
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(second: i64) -> Time {
+        Time(Timestamp::from_second(second).expect("a valid time"))
+    }
+
+    /// The minimal example with one engine that runs but is not ready, and a ready router.
+    fn compute_with_progressing_since(since: i64, now: i64) -> HotPrefixServiceStatus {
+        let mut hps = crate::render::parse(include_str!("../../examples/minimal.yaml"))
+            .expect("the example parses");
+        hps.spec.engine.replicas = 1;
+        hps.status = Some(HotPrefixServiceStatus {
+            conditions: vec![Condition {
+                type_: PROGRESSING.into(),
+                status: "True".into(),
+                reason: "EnginesStarting".into(),
+                message: String::new(),
+                last_transition_time: at(since),
+                observed_generation: None,
+            }],
+            ..HotPrefixServiceStatus::default()
+        });
+        let engine = StatefulSet {
+            status: Some(StatefulSetStatus {
+                replicas: 1,
+                ready_replicas: Some(0),
+                updated_replicas: Some(1),
+                current_revision: Some("r1".into()),
+                update_revision: Some("r1".into()),
+                ..StatefulSetStatus::default()
+            }),
+            ..StatefulSet::default()
+        };
+        let router = Deployment {
+            spec: Some(DeploymentSpec {
+                replicas: Some(1),
+                ..DeploymentSpec::default()
+            }),
+            status: Some(DeploymentStatus {
+                replicas: Some(1),
+                updated_replicas: Some(1),
+                available_replicas: Some(1),
+                ..DeploymentStatus::default()
+            }),
+            ..Deployment::default()
+        };
+        let service = Service::default();
+        let observed = Observed {
+            engine: &engine,
+            router: &router,
+            router_service: &service,
+            redis: None,
+        };
+        compute(&hps, Outcome::Applied(observed), at(now))
+    }
+
+    #[test]
+    fn engines_that_stay_unready_past_the_deadline_degrade_the_service() {
+        let start = 1_800_000_000;
+        let early = compute_with_progressing_since(start, start + 60);
+        assert_eq!(early.phase, Some(Phase::Progressing));
+        let d = condition(&early, DEGRADED).expect("a Degraded condition");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("False", "AsExpected")
+        );
+        // Progressing keeps its transition time while it stays true.
+        let p = condition(&early, PROGRESSING).expect("a Progressing condition");
+        assert_eq!(p.last_transition_time, at(start));
+
+        let late = compute_with_progressing_since(start, start + ENGINE_PROGRESS_DEADLINE_S);
+        assert_eq!(late.phase, Some(Phase::Degraded));
+        let d = condition(&late, DEGRADED).expect("a Degraded condition");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "EngineRolloutStuck")
+        );
+        assert!(
+            d.message
+                .contains("0 of 1 engine replicas ready after 20 minutes")
+                && d.message.contains("app.kubernetes.io/component=engine"),
+            "{}",
+            d.message
+        );
+    }
 }

@@ -538,11 +538,28 @@ fn router(r: &RouterSpec) -> Result<(), SpecError> {
         }
         finite("spec.router.weights.loadWeight", w.load_weight, 0.0, true)?;
         finite(
+            "spec.router.weights.queueExternality",
+            w.queue_externality,
+            0.0,
+            true,
+        )?;
+        finite(
             "spec.router.weights.hotSpotFactor",
             w.hot_spot_factor,
             0.0,
             true,
         )?;
+        // The router's own rule (HotPrefixWeights::validate): between 0 and 1 it would refuse
+        // to start.
+        if let Some(f) = w.hot_spot_factor
+            && f > 0.0
+            && f < 1.0
+        {
+            return err(
+                "spec.router.weights.hotSpotFactor",
+                format!("{f} must be 0 (off) or at least 1"),
+            );
+        }
         if let Some(ms) = w.recent_ms
             && ms < 0
         {
@@ -644,7 +661,7 @@ fn external_redis(e: &ExternalRedis) -> Result<(), SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{HotPrefixServiceSpec, ModelSpec, RandomPreset, RandomSource};
+    use crate::crd::{HotPrefixServiceSpec, ModelSpec, RandomPreset, RandomSource, RouterWeights};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     fn hps(f: impl FnOnce(&mut HotPrefixServiceSpec)) -> HotPrefixService {
@@ -766,6 +783,39 @@ mod tests {
         ];
         for (f, field) in cases {
             assert_eq!(field_of(&hps(f)), field);
+        }
+    }
+
+    #[test]
+    fn router_weights_mirror_the_router_flags() {
+        let with = |f: fn(&mut RouterWeights)| {
+            hps(|s| {
+                let mut w = RouterWeights::default();
+                f(&mut w);
+                s.router.weights = Some(w);
+            })
+        };
+        // The router refuses a hot-spot factor in (0, 1) (HotPrefixWeights::validate).
+        assert_eq!(
+            field_of(&with(|w| w.hot_spot_factor = Some(0.5))),
+            "spec.router.weights.hotSpotFactor"
+        );
+        assert_eq!(
+            field_of(&with(|w| w.queue_externality = Some(-1.0))),
+            "spec.router.weights.queueExternality"
+        );
+        assert_eq!(
+            field_of(&with(|w| w.host_weight = Some(1.5))),
+            "spec.router.weights.hostWeight"
+        );
+        for ok in [0.0, 1.0, 1.5] {
+            let h = hps(|s| {
+                s.router.weights = Some(RouterWeights {
+                    hot_spot_factor: Some(ok),
+                    ..RouterWeights::default()
+                });
+            });
+            assert!(validate(&h).is_ok(), "hotSpotFactor {ok}");
         }
     }
 

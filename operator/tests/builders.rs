@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use hotprefix_operator::crd::{
-    ExternalRedis, HotPrefixService, ModelSource, PvcSource, RedisSpec, SecretKeyRef,
+    ExternalRedis, HostPathSource, HotPrefixService, ModelSource, PvcSource, RedisSpec,
+    SecretKeyRef,
 };
 use hotprefix_operator::render;
 use hotprefix_operator::resources::{self, Children, Defaults};
@@ -693,6 +694,30 @@ fn model_sources_mount_where_the_model_flag_points() {
             .volume_claim_templates
             .is_none()
     );
+    // A node path is typed, so a node without the model fails the mount with an event rather
+    // than getting an empty directory created in its place.
+    for (path, kind, mounted) in [
+        ("/srv/models/smol.GGUF", "File", "/models/smol.GGUF"),
+        ("/srv/models/llama/", "Directory", "/models/llama"),
+    ] {
+        let mut h = example("minimal");
+        h.spec.model.source = ModelSource::HostPath(HostPathSource { path: path.into() });
+        let c = build(&h);
+        for p in [pod(&c), router_pod(&c)] {
+            let v = p
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == "model")
+                .unwrap();
+            let hp = v.host_path.as_ref().unwrap();
+            assert_eq!((hp.path.as_str(), hp.type_.as_deref()), (path, Some(kind)));
+        }
+        assert_eq!(
+            c.engine_config.data.as_ref().unwrap()["HOTPREFIX_MODEL"],
+            mounted
+        );
+    }
 }
 
 #[test]

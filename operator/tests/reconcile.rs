@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,10 +62,23 @@ struct ApiServerVerifier {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What the API server answers when an apply changes a StatefulSet field that cannot change
+/// in place (its text as Kubernetes 1.33 words it).
+const IMMUTABLE_STATEFULSET: &str = "spec: Forbidden: updates to statefulset spec for fields \
+     other than 'replicas', 'ordinals', 'template', 'updateStrategy', \
+     'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden";
+
 fn status_body(code: StatusCode, reason: &str) -> Value {
+    // An `Invalid` answer carries the API server's words for an immutable StatefulSet field,
+    // which the controller recognises.
+    let message = if reason == "Invalid" {
+        IMMUTABLE_STATEFULSET.to_string()
+    } else {
+        format!("mock API server: {reason}")
+    };
     json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": format!("mock API server: {reason}"), "reason": reason, "code": code.as_u16(),
+        "message": message, "reason": reason, "code": code.as_u16(),
     })
 }
 
@@ -124,6 +138,13 @@ impl ApiServerVerifier {
                     }
                 } else if call.method == Method::POST && call.path.ends_with("/events") {
                     respond(StatusCode::CREATED, &body)
+                } else if call.method == Method::DELETE {
+                    // The object is gone at once (reads of it get 404 below).
+                    respond(
+                        StatusCode::OK,
+                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                "status": "Success", "code": 200}),
+                    )
                 } else if call.method == Method::GET {
                     respond(
                         StatusCode::NOT_FOUND,
@@ -372,10 +393,13 @@ async fn status_follows_the_childrens_state_and_ready_is_announced() {
 #[tokio::test]
 async fn a_failed_apply_is_reported_and_requeued_with_growing_backoff() {
     let h = hps("minimal", 1);
+    // The StatefulSet is refused until the test lets it through.
+    let failing = Arc::new(AtomicBool::new(true));
+    let f = failing.clone();
     let (client, server) = ApiServerVerifier::start(
         &h,
-        Box::new(|c| {
-            if c.kind() == "StatefulSet" {
+        Box::new(move |c| {
+            if c.kind() == "StatefulSet" && f.load(Ordering::SeqCst) {
                 Err((StatusCode::INTERNAL_SERVER_ERROR, "InternalError"))
             } else {
                 Ok(None)
@@ -411,8 +435,7 @@ async fn a_failed_apply_is_reported_and_requeued_with_growing_backoff() {
     let events = server.events();
     assert_eq!(events[0]["type"], "Warning");
     assert_eq!(events[0]["reason"], "ApplyFailed");
-    // The controller's error policy requeues with a backoff that grows per failure and resets
-    // after a success.
+    // The controller's error policy requeues with a backoff that grows per failure.
     let first = controller::error_policy(h.clone(), &err, ctx.clone());
     let second = controller::error_policy(h.clone(), &err, ctx.clone());
     assert_eq!(first, Action::requeue(Duration::from_secs(5)));
@@ -422,21 +445,73 @@ async fn a_failed_apply_is_reported_and_requeued_with_growing_backoff() {
         text.contains("hotprefix_operator_reconcile_failures_total{kind=\"apply\"} 2"),
         "{text}"
     );
-    server.task.abort();
-
-    let (client, server) = ApiServerVerifier::start(&h, fresh());
-    let ctx2 = Context::new(
-        client,
-        Defaults::default(),
-        Reporter::from("hotprefix-operator"),
-        ctx.metrics.clone(),
-    );
-    reconcile(&h, &ctx2).await.unwrap();
+    // A success on the same context resets the backoff: the next failure waits the base again.
+    failing.store(false, Ordering::SeqCst);
+    reconcile(&h, &ctx).await.unwrap();
     assert_eq!(
-        controller::error_policy(h.clone(), &err, ctx2),
+        controller::error_policy(h.clone(), &err, ctx.clone()),
         Action::requeue(Duration::from_secs(5)),
-        "a fresh context starts the backoff over"
+        "a success resets the backoff"
     );
+    server.task.abort();
+}
+
+#[tokio::test]
+async fn an_engine_change_the_api_server_cannot_apply_in_place_recreates_the_statefulset_keeping_its_pods()
+ {
+    let h = hps("minimal", 2);
+    // The first StatefulSet apply is refused as an immutable-field change; the one after the
+    // old object is gone goes through.
+    let refused = Arc::new(AtomicBool::new(false));
+    let r = refused.clone();
+    let (client, server) = ApiServerVerifier::start(
+        &h,
+        Box::new(move |c| {
+            if c.kind() == "StatefulSet" && !r.swap(true, Ordering::SeqCst) {
+                Err((StatusCode::UNPROCESSABLE_ENTITY, "Invalid"))
+            } else {
+                Ok(None)
+            }
+        }),
+    );
+    let ctx = context(client);
+    reconcile(&h, &ctx).await.unwrap();
+    let calls = server.calls();
+    let sts = "/apis/apps/v1/namespaces/default/statefulsets/smollm2-engine";
+    let at = |pred: &dyn Fn(&Call) -> bool| calls.iter().position(pred).unwrap();
+    let refused_at = at(&|c| c.is_apply() && c.path == sts);
+    let deleted_at = at(&|c| c.method == Method::DELETE && c.path == sts);
+    let checked_at = at(&|c| c.method == Method::GET && c.path == sts);
+    let applied_again_at = calls
+        .iter()
+        .rposition(|c| c.is_apply() && c.path == sts)
+        .unwrap();
+    assert!(
+        refused_at < deleted_at && deleted_at < checked_at && checked_at < applied_again_at,
+        "apply, delete, wait until gone, apply again: {calls:#?}"
+    );
+    // Orphaning: the engines keep serving, and the new StatefulSet adopts them.
+    let delete = &calls[deleted_at];
+    assert!(
+        delete.query.contains("propagationPolicy=Orphan")
+            || delete.body["propagationPolicy"] == "Orphan",
+        "{delete:?}"
+    );
+    let events = server.events();
+    assert!(
+        events.iter().any(|e| e["reason"] == "RecreatingEngines"),
+        "{events:?}"
+    );
+    // The rest was applied after it, and the status does not report a failure.
+    assert!(
+        server
+            .applies()
+            .iter()
+            .any(|c| c.kind() == "PodDisruptionBudget")
+    );
+    let patches = server.status_patches();
+    let s = &patches.last().unwrap()["status"];
+    assert_eq!(condition(s, "Degraded")["status"], "False", "{s}");
     server.task.abort();
 }
 

@@ -187,7 +187,17 @@ fn source_mount(ctx: &Ctx<'_>, kind: PodKind) -> ModelMount {
                     name: MODEL_VOLUME.into(),
                     host_path: Some(HostPathVolumeSource {
                         path: h.path.clone(),
-                        type_: None,
+                        // A typed hostPath makes a node without the model fail the mount with an
+                        // event naming the path; untyped, the kubelet would create an empty
+                        // directory there and the engine would crash-loop on it instead.
+                        type_: Some(
+                            if h.path.to_ascii_lowercase().ends_with(".gguf") {
+                                "File"
+                            } else {
+                                "Directory"
+                            }
+                            .into(),
+                        ),
                     }),
                     ..Volume::default()
                 }],

@@ -118,6 +118,7 @@ fn vars(
         for (k, x) in [
             ("HOTPREFIX_HOST_WEIGHT", w.host_weight),
             ("HOTPREFIX_LOAD_WEIGHT", w.load_weight),
+            ("HOTPREFIX_QUEUE_EXTERNALITY", w.queue_externality),
             ("HOTPREFIX_HOT_SPOT_FACTOR", w.hot_spot_factor),
         ] {
             if let Some(x) = x {
