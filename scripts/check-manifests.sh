@@ -49,6 +49,12 @@ if grep -q "^kind: ClusterRole" "$out/chart-namespaced.yaml"; then
     echo "error: watching namespaces must not create cluster-wide RBAC" >&2
     exit 1
 fi
+# Two operators reconciling at once must be refused by the values schema.
+if "$helm" template hotprefix charts/hotprefix --set leaderElection.enabled=false \
+    >/dev/null 2>&1; then
+    echo "error: the chart accepted 2 operator replicas without leader election" >&2
+    exit 1
+fi
 
 echo "check-manifests: chart CRD = $CRD"
 cmp "$CRD" "charts/hotprefix/crds/$(basename "$CRD")"

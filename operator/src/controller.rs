@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -143,6 +144,16 @@ impl Context {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(key);
+    }
+
+    /// Drops what the context keeps about a HotPrefixService that no longer exists: its phase
+    /// in the metrics and its failure count. Nothing holds a finalizer, so a deleted service
+    /// is never reconciled; the controller learns it is gone when a requeue or a child's
+    /// deletion schedules it and it is not in the store.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let key = format!("{namespace}/{name}");
+        self.metrics.forget(&key);
+        self.succeeded(&key);
     }
 }
 
@@ -300,6 +311,8 @@ async fn apply_all(ctx: &Context, hps: &HotPrefixService, c: &Children) -> Resul
             if let Some(pvc) = &r.volume {
                 apply(client, &ns, pvc).await?;
             }
+            // The policy first, so that Redis is never reachable without it.
+            apply(client, &ns, &r.network_policy).await?;
             let d = apply(client, &ns, &r.deployment).await?;
             apply(client, &ns, &r.service).await?;
             Some(d)
@@ -310,6 +323,7 @@ async fn apply_all(ctx: &Context, hps: &HotPrefixService, c: &Children) -> Resul
             let name = format!("{}-redis", hps.name_any());
             prune::<Deployment>(client, hps, &name).await?;
             prune::<Service>(client, hps, &name).await?;
+            prune::<NetworkPolicy>(client, hps, &name).await?;
             None
         }
     };
@@ -447,7 +461,7 @@ pub async fn reconcile(hps: Arc<HotPrefixService>, ctx: Arc<Context>) -> Result<
 async fn reconcile_inner(hps: &HotPrefixService, ctx: &Context) -> Result<Action, Error> {
     if hps.metadata.deletion_timestamp.is_some() {
         // The garbage collector removes the children through their owner references.
-        ctx.metrics.forget(&key(hps));
+        ctx.forget(&hps.namespace().unwrap_or_default(), &hps.name_any());
         return Ok(Action::await_change());
     }
     let children = match resources::build(hps, &ctx.defaults) {
@@ -547,6 +561,7 @@ pub async fn run(client: Client, scope: Scope, ctx: Arc<Context>, shutdown: watc
     let runs = namespaces.into_iter().map(|ns| {
         let client = client.clone();
         let ctx = ctx.clone();
+        let gone = ctx.clone();
         let mut shutdown = shutdown.clone();
         async move {
             let ns = ns.as_deref();
@@ -564,18 +579,25 @@ pub async fn run(client: Client, scope: Scope, ctx: Arc<Context>, shutdown: watc
             .owns(api::<Deployment>(&client, ns), owned.clone())
             .owns(api::<Service>(&client, ns), owned.clone())
             .owns(api::<ConfigMap>(&client, ns), owned.clone())
-            .owns(api::<PodDisruptionBudget>(&client, ns), owned)
+            .owns(api::<PodDisruptionBudget>(&client, ns), owned.clone())
+            .owns(api::<NetworkPolicy>(&client, ns), owned)
             // Children change in bursts (a rollout touches status many times a second).
             .with_config(controller::Config::default().debounce(Duration::from_millis(500)))
             .graceful_shutdown_on(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
             })
             .run(reconcile, error_policy, ctx)
-            .for_each(|r| async move {
+            .for_each(|r| {
                 match r {
                     Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+                    // A deleted service whose requeue or child event came after it went.
+                    Err(controller::Error::ObjectNotFound(obj)) => {
+                        tracing::debug!(object = %obj, "gone; forgotten");
+                        gone.forget(obj.namespace.as_deref().unwrap_or_default(), &obj.name);
+                    }
                     Err(e) => tracing::warn!(error = %e, "controller error"),
                 }
+                std::future::ready(())
             })
             .await;
         }
@@ -586,6 +608,32 @@ pub async fn run(client: Client, scope: Scope, ctx: Arc<Context>, shutdown: watc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_forgotten_service_leaves_the_metrics_and_its_backoff_starts_over() {
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let ctx = Context::new(
+            Client::new(service, "default"),
+            Defaults::default(),
+            Reporter::from("test"),
+            Arc::new(Metrics::default()),
+        );
+        ctx.metrics.set_phase("ns/a".into(), "Degraded");
+        ctx.metrics.set_phase("ns/b".into(), "Ready");
+        assert_eq!(ctx.failed("ns/a"), 1);
+        assert_eq!(ctx.failed("ns/a"), 2);
+        ctx.forget("ns", "a");
+        let text = ctx.metrics.render();
+        assert!(
+            text.contains("hotprefix_operator_services{phase=\"Degraded\"} 0")
+                && text.contains("hotprefix_operator_services{phase=\"Ready\"} 1"),
+            "{text}"
+        );
+        assert_eq!(ctx.failed("ns/a"), 1, "the backoff starts over");
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {

@@ -613,6 +613,84 @@ fn external_redis_gets_no_managed_objects_and_its_tls_settings() {
 }
 
 #[test]
+fn only_the_services_engines_and_routers_may_reach_the_managed_redis() {
+    let c = build(&example("minimal"));
+    let redis = c.redis.as_ref().unwrap();
+    let spec = redis.network_policy.spec.as_ref().unwrap();
+    let pod_labels = redis
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let selects = |sel: &BTreeMap<String, String>, labels: &BTreeMap<String, String>| {
+        sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+    };
+    let own = spec
+        .pod_selector
+        .as_ref()
+        .unwrap()
+        .match_labels
+        .clone()
+        .unwrap();
+    assert!(
+        selects(&own, &pod_labels),
+        "the policy selects the Redis pod"
+    );
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_string()][..])
+    );
+    let rules = spec.ingress.as_ref().unwrap();
+    assert_eq!(rules.len(), 1);
+    let ports = rules[0].ports.as_ref().unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(
+        ports[0].port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(6379))
+    );
+    let peers: Vec<BTreeMap<String, String>> = rules[0]
+        .from
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            assert!(p.namespace_selector.is_none() && p.ip_block.is_none());
+            p.pod_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .clone()
+                .unwrap()
+        })
+        .collect();
+    let template_labels = |t: &Option<
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    >| { t.as_ref().unwrap().labels.clone().unwrap() };
+    let engine = template_labels(&c.engine.spec.as_ref().unwrap().template.metadata);
+    let router = template_labels(&c.router.spec.as_ref().unwrap().template.metadata);
+    assert_eq!(peers.len(), 2);
+    assert!(
+        peers.iter().any(|p| selects(p, &engine)),
+        "engines admitted"
+    );
+    assert!(
+        peers.iter().any(|p| selects(p, &router)),
+        "routers admitted"
+    );
+    // Another service's engines (another instance label) are not.
+    let mut other = engine.clone();
+    other.insert("app.kubernetes.io/instance".into(), "other".into());
+    assert!(peers.iter().all(|p| !selects(p, &other)));
+}
+
+#[test]
 fn model_sources_mount_where_the_model_flag_points() {
     let c = build(&example("full"));
     let data = c.engine_config.data.as_ref().unwrap();

@@ -267,6 +267,7 @@ async fn first_reconcile_creates_every_child_with_server_side_apply() {
             ("ServiceAccount", "smollm2-router"),
             ("Role", "smollm2-router"),
             ("RoleBinding", "smollm2-router"),
+            ("NetworkPolicy", "smollm2-redis"),
             ("Deployment", "smollm2-redis"),
             ("Service", "smollm2-redis"),
             ("ConfigMap", "smollm2-engine"),
@@ -590,6 +591,7 @@ async fn switching_to_an_external_redis_removes_the_managed_one() {
         [
             "/apis/apps/v1/namespaces/default/deployments/smollm2-redis",
             "/api/v1/namespaces/default/services/smollm2-redis",
+            "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/smollm2-redis",
             "/api/v1/namespaces/default/configmaps/smollm2-chat-template",
         ]
     );

@@ -41,9 +41,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 The rules the operator needs on HotPrefixServices and their children, and nothing more:
 it reads and watches the services and writes their status; it creates and server-side
 applies (patch) the children, watches the kinds whose changes it reacts to, and deletes only
-the managed Redis' Deployment and Service when a service switches to an external Redis, and
-the chat template's ConfigMap when a service no longer overrides the template (reading them
-first to check that it owns them). It holds list and watch on EndpointSlices
+the managed Redis' Deployment, Service and NetworkPolicy when a service switches to an
+external Redis, the chat template's ConfigMap when a service no longer overrides the template
+(reading them first to check that it owns them), and the engine StatefulSet, orphaning its
+pods, when a change cannot be applied to it in place (reading it until it is gone). It holds list and watch on EndpointSlices
 only because Kubernetes lets it grant the routers' Roles only what it holds itself.
 */}}
 {{- define "hotprefix.rules" -}}
@@ -68,6 +69,9 @@ only because Kubernetes lets it grant the routers' Roles only what it holds itse
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["list", "watch", "create", "patch"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["create", "patch"]

@@ -21,6 +21,7 @@ use k8s_openapi::api::core::v1::{
     PodSecurityContext, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
     Service, ServiceAccount, TopologySpreadConstraint, Volume, VolumeMount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -149,6 +150,9 @@ pub struct RedisChildren {
     pub service: Service,
     /// Its data claim, with persistence on.
     pub volume: Option<PersistentVolumeClaim>,
+    /// Admits only this service's engines and routers to Redis: whoever can write its
+    /// summaries and registrations steers the routing.
+    pub network_policy: NetworkPolicy,
 }
 
 /// Everything one HotPrefixService consists of.
@@ -196,6 +200,7 @@ impl Children {
             if let Some(pvc) = &r.volume {
                 v(&mut out, pvc)?;
             }
+            v(&mut out, &r.network_policy)?;
             v(&mut out, &r.deployment)?;
             v(&mut out, &r.service)?;
         }

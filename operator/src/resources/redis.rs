@@ -12,6 +12,10 @@ use k8s_openapi::api::core::v1::{
     Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
     VolumeResourceRequirements,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -31,7 +35,41 @@ pub(super) fn children(ctx: &Ctx<'_>) -> Option<RedisChildren> {
         deployment: deployment(ctx, m),
         service: service(ctx),
         volume: m.persistence.enabled.then(|| claim(ctx, m)),
+        network_policy: network_policy(ctx),
     })
+}
+
+/// Ingress to the Redis pod from this service's engines and routers only, on the Redis port.
+/// The managed Redis has no password (it holds soft state only), so the network is what keeps
+/// other pods from writing summaries that would steer the routing. It takes effect where the
+/// cluster's network plugin enforces NetworkPolicies.
+fn network_policy(ctx: &Ctx<'_>) -> NetworkPolicy {
+    let from = |component: &str| NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(ctx.selector(component)),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    };
+    NetworkPolicy {
+        metadata: ctx.meta(ctx.names.redis(), "redis"),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(ctx.selector("redis")),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![from("engine"), from("router")]),
+                ports: Some(vec![NetworkPolicyPort {
+                    port: Some(IntOrString::Int(REDIS_PORT)),
+                    protocol: Some("TCP".into()),
+                    ..NetworkPolicyPort::default()
+                }]),
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
 }
 
 fn claim(ctx: &Ctx<'_>, m: &ManagedRedis) -> PersistentVolumeClaim {
