@@ -31,12 +31,43 @@ use hotprefix_protocol::Salt;
 use serde_json::json;
 use tokio::sync::mpsc::unbounded_channel;
 
-/// The vendor's dense bf16 peak of an H100/H200 SXM (TFLOP/s), the yardstick the issue names;
-/// the measured cuBLAS ceiling is reported beside it.
-const H200_BF16_PEAK_TFLOPS: f64 = 989.0;
-/// The vendor's HBM3e bandwidth of an H200 (GB/s); the measured copy bandwidth is reported
-/// beside it.
-const H200_HBM_GBPS: f64 = 4800.0;
+/// A card's vendor figures, the yardsticks the issue names; the measured cuBLAS and copy
+/// ceilings are reported beside them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Peaks {
+    /// Which card the figures are for.
+    card: &'static str,
+    /// Dense bf16 tensor-core peak, TFLOP/s.
+    bf16_tflops: f64,
+    /// Memory bandwidth, GB/s.
+    hbm_gbps: f64,
+}
+
+/// The vendor's figures for the card named `name` (as the driver names it). A card not listed
+/// gets the H100 SXM's, said so in the card field.
+fn peaks(name: &str) -> Peaks {
+    let n = name.to_ascii_uppercase();
+    let (card, bf16_tflops, hbm_gbps) = if n.contains("H200") {
+        ("H200", 989.0, 4800.0)
+    } else if n.contains("H100") && n.contains("NVL") {
+        ("H100 NVL", 835.0, 3900.0)
+    } else if n.contains("H100") && n.contains("PCIE") {
+        ("H100 PCIe", 756.0, 2000.0)
+    } else if n.contains("H100") {
+        ("H100 SXM", 989.0, 3350.0)
+    } else if n.contains("A100") && n.contains("40GB") {
+        ("A100 40GB", 312.0, 1555.0)
+    } else if n.contains("A100") {
+        ("A100 80GB", 312.0, 2039.0)
+    } else {
+        ("unknown card: H100 SXM figures", 989.0, 3350.0)
+    };
+    Peaks {
+        card,
+        bf16_tflops,
+        hbm_gbps,
+    }
+}
 
 struct Out {
     dir: PathBuf,
@@ -67,6 +98,22 @@ impl Out {
                    "tolerance": c.tolerance, "pass": c.pass(),
                    "argmax_agree": c.argmax_agree}),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_card_is_measured_against_its_own_figures() {
+        assert_eq!(peaks("NVIDIA H200").hbm_gbps, 4800.0);
+        assert_eq!(peaks("NVIDIA H100 80GB HBM3").card, "H100 SXM");
+        assert_eq!(peaks("NVIDIA H100 80GB HBM3").hbm_gbps, 3350.0);
+        assert_eq!(peaks("NVIDIA H100 PCIe").bf16_tflops, 756.0);
+        assert_eq!(peaks("NVIDIA H100 NVL").card, "H100 NVL");
+        assert_eq!(peaks("NVIDIA A100-SXM4-40GB").hbm_gbps, 1555.0);
+        assert!(peaks("NVIDIA L4").card.starts_with("unknown card"));
     }
 }
 
@@ -326,6 +373,7 @@ fn time<F: FnMut(&mut CudaBackend) -> Result<()>>(
 
 fn ceilings(out: &mut Out) -> Result<()> {
     let mut b = backend(CudaOptions::default())?;
+    let pk = peaks(&b.device().name);
     let n = 8192;
     let w = b.upload_matrix(Matrix::new(n, n, vec![0.01; n * n])?)?;
     let x = filler(&mut b, n, n)?;
@@ -334,9 +382,11 @@ fn ceilings(out: &mut Out) -> Result<()> {
     let tflops = 2.0 * (n as f64).powi(3) / s / 1e12;
     out.line(&format!(
         "- cuBLAS bf16 GEMM {n}^3 (bf16 in, f32 out, as the backend calls it): {:.2} ms, {tflops:.0} \
-         TFLOP/s ({:.0}% of the {H200_BF16_PEAK_TFLOPS:.0} TFLOP/s dense bf16 spec)",
+         TFLOP/s ({:.0}% of the {:.0} TFLOP/s dense bf16 spec of the {})",
         s * 1e3,
-        100.0 * tflops / H200_BF16_PEAK_TFLOPS
+        100.0 * tflops / pk.bf16_tflops,
+        pk.bf16_tflops,
+        pk.card
     ));
     out.figure("gemm_tflops", json!(tflops));
     drop((x, y, w));
@@ -350,9 +400,11 @@ fn ceilings(out: &mut Out) -> Result<()> {
     let gbps = 2.0 * bytes as f64 / s / 1e9;
     out.line(&format!(
         "- device-to-device copy of 4 GiB: {:.2} ms, {gbps:.0} GB/s read + write ({:.0}% of the \
-         {H200_HBM_GBPS:.0} GB/s HBM spec)",
+         {:.0} GB/s HBM spec of the {})",
         s * 1e3,
-        100.0 * gbps / H200_HBM_GBPS
+        100.0 * gbps / pk.hbm_gbps,
+        pk.hbm_gbps,
+        pk.card
     ));
     out.figure("hbm_copy_gbps", json!(gbps));
     Ok(())
@@ -422,6 +474,7 @@ fn prefill(out: &mut Out, layers: usize) -> Result<()> {
     let cfg = model.cfg.clone();
     let mut b = backend(CudaOptions::default())?;
     let dec = Decoder::new(model, &mut b)?;
+    let pk = peaks(&b.device().name);
     b.allocate_kv(
         &cfg,
         KvLayout {
@@ -450,10 +503,12 @@ fn prefill(out: &mut Out, layers: usize) -> Result<()> {
         let what = format!("{} x {} tokens", seqs.len(), seqs[0].1);
         out.line(&format!(
             "- prefill {what}: {:.1} ms per step, {:.0} tokens/s, {tflops:.0} TFLOP/s \
-             ({:.0}% of the bf16 spec; attention is {:.0}% of the FLOPs)",
+             ({:.0}% of the {:.0} TFLOP/s bf16 spec of the {}; attention is {:.0}% of the FLOPs)",
             s * 1e3,
             st.rows() as f64 / s,
-            100.0 * tflops / H200_BF16_PEAK_TFLOPS,
+            100.0 * tflops / pk.bf16_tflops,
+            pk.bf16_tflops,
+            pk.card,
             100.0 * af / (mf + af)
         ));
         out.figure(
@@ -469,6 +524,7 @@ fn decode(out: &mut Out, layers: usize) -> Result<()> {
     let cfg = model.cfg.clone();
     let mut b = backend(CudaOptions::default())?;
     let dec = Decoder::new(model, &mut b)?;
+    let pk = peaks(&b.device().name);
     let ctx = 1024;
     b.allocate_kv(
         &cfg,
@@ -493,12 +549,14 @@ fn decode(out: &mut Out, layers: usize) -> Result<()> {
         let gbps = bytes / s / 1e9;
         out.line(&format!(
             "- decode batch {n} (context {ctx}): {:.2} ms per step, {:.0} tokens/s, {:.0} GB/s of \
-             weights and KV read ({:.0}% of the {H200_HBM_GBPS:.0} GB/s spec; greedy, token ids \
+             weights and KV read ({:.0}% of the {:.0} GB/s spec of the {}; greedy, token ids \
              copied back every step)",
             s * 1e3,
             n as f64 / s,
             gbps,
-            100.0 * gbps / H200_HBM_GBPS
+            100.0 * gbps / pk.hbm_gbps,
+            pk.hbm_gbps,
+            pk.card
         ));
         out.figure(
             &format!("decode batch {n}"),

@@ -244,8 +244,8 @@ impl BlasHandle {
             .bind_to_thread()
             .map_err(|e| device_error("binding the CUDA context", e))?;
         let h = blas::create_handle().map_err(|e| device_error("cuBLAS", e))?;
-        // SAFETY: `h` is a live handle; the stream outlives it (the backend drops the handle
-        // first, see Drop).
+        // SAFETY: `h` is a live handle; the stream outlives it (the handle is the backend's
+        // first field, so it is dropped before the stream).
         unsafe { blas::set_stream(h, stream.cu_stream() as _) }.map_err(|e| {
             // SAFETY: `h` is live and not used after this.
             let _ = unsafe { blas::destroy_handle(h) };
@@ -265,13 +265,15 @@ impl Drop for BlasHandle {
 
 /// NVIDIA GPU compute.
 pub struct CudaBackend {
+    // Fields drop in declaration order: the cuBLAS handle goes first, while the compute stream
+    // it is bound to (`compute`, possibly its last owner) still exists.
+    blas: BlasHandle,
     ctx: Arc<CudaContext>,
     info: DeviceInfo,
     opts: CudaOptions,
     compute: Arc<CudaStream>,
     h2d: Arc<CudaStream>,
     d2h: Arc<CudaStream>,
-    blas: BlasHandle,
     k: Kernels,
     geo: Option<KvGeometry>,
     pool: Option<CudaSlice<u16>>,
