@@ -16,7 +16,7 @@ use hotprefix_engine::config::{EngineArgs, EngineConfig};
 use hotprefix_engine::model::{LlamaConfig, LlamaModel};
 
 #[test]
-fn every_kernel_compiles_for_sm80_and_sm90_without_warnings() {
+fn every_kernel_compiles_for_sm80_and_sm90_to_ptx_and_machine_code_without_warnings() {
     if !device::nvrtc_present() {
         assert!(
             std::env::var("HOTPREFIX_REQUIRE_NVRTC").as_deref() != Ok("1"),
@@ -33,6 +33,23 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_warnings() {
             assert!(
                 c.ptx.contains(&format!(".entry {k}(")),
                 "{arch}: {k} missing from the PTX"
+            );
+        }
+    }
+    // The backend loads machine code for the device's real architecture first (the PTX is its
+    // fallback): that path, through ptxas, must compile cleanly too.
+    for arch in ["sm_80", "sm_90"] {
+        let c = device::compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert!(c.log.is_empty(), "NVRTC warnings for {arch}:\n{}", c.log);
+        let cubin = c
+            .cubin
+            .unwrap_or_else(|| panic!("{arch}: NVRTC produced no machine code"));
+        // An ELF image that names every kernel.
+        assert_eq!(&cubin[..4], b"\x7fELF", "{arch}: not an ELF image");
+        for k in hotprefix_kernels::KERNELS {
+            assert!(
+                cubin.windows(k.len()).any(|w| w == k.as_bytes()),
+                "{arch}: {k} missing from the machine code"
             );
         }
     }

@@ -532,6 +532,7 @@ impl CudaBackend {
         }
         let geo = self.geometry()?;
         shape("batch block size", batch.block_size == geo.block_size)?;
+        plan::check_slots(batch, geo.device_blocks)?;
         let plan: StepPlan = plan::plan_step(
             batch,
             geo.shape,

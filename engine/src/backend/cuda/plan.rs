@@ -132,6 +132,21 @@ pub enum AttentionChoice {
 /// below it a block of 64 query rows would be mostly empty.
 pub const MMA_MIN_TOKENS: usize = 8;
 
+/// Refuses a step whose block tables name a slot outside the device pool of `device_blocks`
+/// blocks: the kernels index the pool with these numbers unchecked, so a bad one would write
+/// outside it.
+pub fn check_slots(batch: &StepBatch, device_blocks: usize) -> Result<(), BackendError> {
+    for s in &batch.seqs {
+        if let Some(bad) = s.table.iter().find(|slot| slot.0 as usize >= device_blocks) {
+            return Err(BackendError::Shape(format!(
+                "block table names slot {} of a device pool of {device_blocks} blocks",
+                bad.0
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Builds the step's metadata. `sms` is the device's multiprocessor count: key splits are
 /// added until the grid has about two blocks per multiprocessor, so one long sequence still
 /// fills the device (flash-decoding).
@@ -279,6 +294,14 @@ mod tests {
         kv_heads: 8,
         head_dim: 128,
     };
+
+    #[test]
+    fn a_slot_outside_the_device_pool_is_refused() {
+        // The largest slot of the batch is 11.
+        assert!(check_slots(&batch(), 12).is_ok());
+        let e = check_slots(&batch(), 11).unwrap_err();
+        assert!(e.to_string().contains("slot 11"), "{e}");
+    }
 
     #[test]
     fn rows_get_their_positions_slots_and_offsets() {
