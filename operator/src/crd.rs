@@ -338,9 +338,10 @@ pub struct EngineSpec {
     /// `latest`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<PullPolicy>,
-    /// GPUs per replica (0: the CPU backend).
+    /// GPUs per replica: 1, or 0 for the CPU backend. An engine computes on one GPU (no
+    /// tensor parallelism), so more would be reserved and left idle; scale with replicas.
     #[serde(default = "one")]
-    #[schemars(range(min = 0, max = 16))]
+    #[schemars(range(min = 0, max = 1))]
     pub gpus: i32,
     /// Extended resource name of a GPU.
     #[serde(default = "default_gpu_resource")]

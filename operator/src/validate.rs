@@ -380,8 +380,14 @@ fn engine(e: &EngineSpec) -> Result<(), SpecError> {
     if let Some(i) = &e.image {
         image("spec.engine.image", i)?;
     }
-    if e.gpus < 0 {
-        return err("spec.engine.gpus", "must not be negative");
+    if !(0..=1).contains(&e.gpus) {
+        return err(
+            "spec.engine.gpus",
+            format!(
+                "{} must be 0 or 1: an engine computes on one GPU, so scale with replicas",
+                e.gpus
+            ),
+        );
     }
     let qualified = match e.gpu_resource_name.split_once('/') {
         Some((domain, name)) => {
@@ -738,6 +744,7 @@ mod tests {
         type Edit = Box<dyn Fn(&mut HotPrefixServiceSpec)>;
         let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|s| s.engine.replicas = -1), "spec.engine.replicas"),
+            (Box::new(|s| s.engine.gpus = 2), "spec.engine.gpus"),
             (
                 Box::new(|s| {
                     s.engine.backend = Backend::Cuda;
