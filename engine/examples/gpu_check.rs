@@ -101,22 +101,6 @@ impl Out {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_card_is_measured_against_its_own_figures() {
-        assert_eq!(peaks("NVIDIA H200").hbm_gbps, 4800.0);
-        assert_eq!(peaks("NVIDIA H100 80GB HBM3").card, "H100 SXM");
-        assert_eq!(peaks("NVIDIA H100 80GB HBM3").hbm_gbps, 3350.0);
-        assert_eq!(peaks("NVIDIA H100 PCIe").bf16_tflops, 756.0);
-        assert_eq!(peaks("NVIDIA H100 NVL").card, "H100 NVL");
-        assert_eq!(peaks("NVIDIA A100-SXM4-40GB").hbm_gbps, 1555.0);
-        assert!(peaks("NVIDIA L4").card.starts_with("unknown card"));
-    }
-}
-
 fn append(path: &Path, text: &str) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -794,4 +778,20 @@ fn ttft(out: &mut Out, layers: usize) -> Result<()> {
         out.line(r);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_card_is_measured_against_its_own_figures() {
+        assert_eq!(peaks("NVIDIA H200").hbm_gbps, 4800.0);
+        assert_eq!(peaks("NVIDIA H100 80GB HBM3").card, "H100 SXM");
+        assert_eq!(peaks("NVIDIA H100 80GB HBM3").hbm_gbps, 3350.0);
+        assert_eq!(peaks("NVIDIA H100 PCIe").bf16_tflops, 756.0);
+        assert_eq!(peaks("NVIDIA H100 NVL").card, "H100 NVL");
+        assert_eq!(peaks("NVIDIA A100-SXM4-40GB").hbm_gbps, 1555.0);
+        assert!(peaks("NVIDIA L4").card.starts_with("unknown card"));
+    }
 }
