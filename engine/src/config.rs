@@ -340,6 +340,7 @@ fn publish_config(
             "--advertise-url {u:?}: expected http://host:port or https://..."
         )));
     }
+    let advertise_url = advertise_url.map(bracket_ipv6_host);
     if !(1..=MAX_SUMMARY_ENTRIES).contains(&summary_entries) {
         return Err(ConfigError(format!(
             "--summary-entries {summary_entries} not in 1..={MAX_SUMMARY_ENTRIES}"
@@ -354,6 +355,26 @@ fn publish_config(
         advertise_url,
         summary_entries,
     })
+}
+
+/// `http://ADDR:PORT` with ADDR a bare IPv6 address, as `http://$(POD_IP):8000` expands on an
+/// IPv6 pod, rewritten with the brackets a URL needs (`http://[fd00::7]:8000`); any other URL
+/// is returned as it is.
+fn bracket_ipv6_host(url: String) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url;
+    };
+    let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+    match authority.rsplit_once(':') {
+        Some((host, port))
+            if host.parse::<std::net::Ipv6Addr>().is_ok()
+                && !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            format!("{scheme}://[{host}]:{port}{path}")
+        }
+        _ => url,
+    }
 }
 
 /// This machine's host name: `$HOSTNAME` (set in every container, the pod name in
@@ -491,6 +512,30 @@ mod tests {
         // Neither the URL's password nor the flag's shows in a configuration dump.
         let dump = format!("{p:?}");
         assert!(!dump.contains("pw") && !dump.contains("other"), "{dump}");
+    }
+
+    #[test]
+    fn an_advertised_ipv6_pod_address_gets_its_brackets() {
+        for (given, advertised) in [
+            ("http://fd00::7:8000", "http://[fd00::7]:8000"),
+            ("http://2001:db8::1:8000/", "http://[2001:db8::1]:8000/"),
+            ("http://[fd00::7]:8000", "http://[fd00::7]:8000"),
+            ("http://10.0.0.7:8000", "http://10.0.0.7:8000"),
+            ("http://engine-0.chat:8000", "http://engine-0.chat:8000"),
+            ("https://engine.example", "https://engine.example"),
+        ] {
+            let c = parse(&[
+                "--redis-url",
+                "redis://127.0.0.1",
+                "--replica-id",
+                "engine-0",
+                "--advertise-url",
+                given,
+            ])
+            .unwrap();
+            let p = c.publish.unwrap();
+            assert_eq!(p.advertise_url.as_deref(), Some(advertised), "{given}");
+        }
     }
 
     #[test]

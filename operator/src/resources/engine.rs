@@ -203,7 +203,8 @@ pub(super) fn stateful_set(
     let mut vars = vec![
         // The replica id and the URL routers reach the pod at. The id is the pod name, which
         // is also the host name the engine would default to; set explicitly so that nothing
-        // (a `hostname` field, a runtime) can make them differ.
+        // (a `hostname` field, a runtime) can make them differ. On an IPv6 pod the URL expands
+        // to a bare address, which the engine brackets.
         field_env("HOTPREFIX_REPLICA_ID", "metadata.name"),
         field_env("POD_IP", "status.podIP"),
         env(
