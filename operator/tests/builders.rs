@@ -17,7 +17,7 @@ use hotprefix_operator::crd::{
 };
 use hotprefix_operator::render;
 use hotprefix_operator::resources::{self, Children, Defaults};
-use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec};
+use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Volume};
 use serde_json::Value;
 
 /// The uid the rendered objects' owner references name.
@@ -86,25 +86,20 @@ fn full_example_renders_its_golden_file() {
 }
 
 fn pod(c: &Children) -> &PodSpec {
-    c.engine
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
+    c.engine_pod().unwrap()
 }
 
 fn router_pod(c: &Children) -> &PodSpec {
-    c.router
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
+    c.router_pod().unwrap()
+}
+
+/// The pod's volume named `name`.
+fn volume<'a>(p: &'a PodSpec, name: &str) -> &'a Volume {
+    p.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
 }
 
 fn container<'a>(p: &'a PodSpec, name: &str) -> &'a Container {
@@ -485,12 +480,7 @@ fn a_chat_template_reaches_engines_and_routers_and_a_change_rolls_both() {
         Some(file)
     );
     for p in [pod(&c), router_pod(&c)] {
-        let v = p
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == "chat-template")
-            .unwrap();
+        let v = volume(p, "chat-template");
         let source = v.config_map.as_ref().unwrap();
         assert_eq!(Some(source.name.clone()), cm.metadata.name);
         assert_eq!(source.items.as_ref().unwrap()[0].key, "chat_template.jinja");
@@ -586,12 +576,7 @@ fn external_redis_gets_no_managed_objects_and_its_tls_settings() {
         "/etc/hotprefix/redis-ca/ca.crt"
     );
     for p in [pod(&c), router_pod(&c)] {
-        let v = p
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == "redis-ca")
-            .unwrap();
+        let v = volume(p, "redis-ca");
         let s = v.secret.as_ref().unwrap();
         assert_eq!(s.secret_name.as_deref(), Some("redis-ca"));
         assert_eq!(s.items.as_ref().unwrap()[0].key, "ca.pem");
@@ -699,12 +684,7 @@ fn model_sources_mount_where_the_model_flag_points() {
         "/models/meta-llama/Llama-3.1-8B-Instruct"
     );
     for p in [pod(&c), router_pod(&c)] {
-        let v = p
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == "model")
-            .unwrap();
+        let v = volume(p, "model");
         let claim = v.persistent_volume_claim.as_ref().unwrap();
         assert_eq!(
             (claim.claim_name.as_str(), claim.read_only),
@@ -736,12 +716,7 @@ fn model_sources_mount_where_the_model_flag_points() {
         "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     );
     // The router downloads into an emptyDir of the cache's size.
-    let rv = router_pod(&c)
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == "model")
-        .unwrap();
+    let rv = volume(router_pod(&c), "model");
     assert_eq!(
         rv.empty_dir
             .as_ref()
@@ -782,12 +757,7 @@ fn model_sources_mount_where_the_model_flag_points() {
         h.spec.model.source = ModelSource::HostPath(HostPathSource { path: path.into() });
         let c = build(&h);
         for p in [pod(&c), router_pod(&c)] {
-            let v = p
-                .volumes
-                .iter()
-                .flatten()
-                .find(|v| v.name == "model")
-                .unwrap();
+            let v = volume(p, "model");
             let hp = v.host_path.as_ref().unwrap();
             assert_eq!((hp.path.as_str(), hp.type_.as_deref()), (path, Some(kind)));
         }

@@ -191,25 +191,11 @@ fn children(h: &HotPrefixService) -> Children {
 }
 
 fn engine_pod(c: &Children) -> &PodSpec {
-    c.engine
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
+    c.engine_pod().unwrap()
 }
 
 fn router_pod(c: &Children) -> &PodSpec {
-    c.router
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
+    c.router_pod().unwrap()
 }
 
 fn engine_config(name: &str) -> hotprefix_engine::config::EngineConfig {

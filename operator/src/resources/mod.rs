@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, EnvVar, EnvVarSource, KeyToPath, PersistentVolumeClaim,
-    PodSecurityContext, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
-    Service, ServiceAccount, TopologySpreadConstraint, Volume, VolumeMount,
+    PodSecurityContext, PodSpec, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Service, ServiceAccount, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -185,6 +185,16 @@ pub struct Children {
 }
 
 impl Children {
+    /// The engines' pod template.
+    pub fn engine_pod(&self) -> Option<&PodSpec> {
+        self.engine.spec.as_ref()?.template.spec.as_ref()
+    }
+
+    /// The routers' pod template.
+    pub fn router_pod(&self) -> Option<&PodSpec> {
+        self.router.spec.as_ref()?.template.spec.as_ref()
+    }
+
     /// Every object as JSON, in the order they are applied (dependencies first: the router's
     /// identity before its pods, Redis before the engines that publish to it).
     pub fn objects(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
