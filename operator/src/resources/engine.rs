@@ -14,10 +14,9 @@ use k8s_openapi::api::apps::v1::{
     StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource,
-    EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, Service, ServicePort, ServiceSpec, SleepAction,
-    Volume, VolumeMount,
+    ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
+    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, Service, ServicePort, ServiceSpec, SleepAction,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -26,8 +25,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::model::{PodKind, model_mount};
 use super::{
     CHAT_TEMPLATE_HASH_ANNOTATION, CONFIG_HASH_ANNOTATION, Ctx, ENGINE_PORT, PRESTOP_SLEEP_SECONDS,
-    config_hash, container_security, env, merge_env, pod_security, redis_volume, secret_env,
-    spread,
+    config_hash, container_security, env, merge_env, pod_security, pod_storage, secret_env, spread,
 };
 use crate::crd::Backend;
 use crate::quantity;
@@ -198,7 +196,7 @@ pub(super) fn stateful_set(
     chat_template: Option<&ConfigMap>,
 ) -> StatefulSet {
     let e = &ctx.hps.spec.engine;
-    let model = model_mount(ctx, PodKind::Engine);
+    let mut model = model_mount(ctx, PodKind::Engine);
     let (_, password, ca) = ctx.redis_target();
     let mut vars = vec![
         // The replica id and the URL routers reach the pod at. The id is the pod name, which
@@ -215,23 +213,11 @@ pub(super) fn stateful_set(
     if let Some(p) = password {
         vars.push(secret_env("HOTPREFIX_REDIS_PASSWORD", p));
     }
-    let mut mounts = vec![VolumeMount {
-        name: "tmp".into(),
-        mount_path: "/tmp".into(),
-        ..VolumeMount::default()
-    }];
-    mounts.extend(model.mounts);
-    let mut volumes = vec![Volume {
-        name: "tmp".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Volume::default()
-    }];
-    volumes.extend(model.volumes);
-    if let Some(ca) = ca {
-        let (v, m) = redis_volume(ca);
-        volumes.push(v);
-        mounts.push(m);
-    }
+    let (volumes, mounts) = pod_storage(
+        std::mem::take(&mut model.volumes),
+        std::mem::take(&mut model.mounts),
+        ca,
+    );
     let grace = e
         .shutdown_grace_seconds
         .map_or(ENGINE_SHUTDOWN_GRACE_SECONDS, i64::from);

@@ -17,9 +17,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, EnvVar, EnvVarSource, KeyToPath, PersistentVolumeClaim,
-    PodSecurityContext, PodSpec, SeccompProfile, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, Service, ServiceAccount, TopologySpreadConstraint, Volume, VolumeMount,
+    Capabilities, ConfigMap, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
+    PersistentVolumeClaim, PodSecurityContext, PodSpec, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, TopologySpreadConstraint, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -472,6 +473,34 @@ pub fn selector_string(hps: &HotPrefixService, component: &str) -> String {
 
 /// Where engines and router find the CA certificates of an external Redis.
 pub(crate) const REDIS_CA_FILE: &str = "/etc/hotprefix/redis-ca/ca.crt";
+
+/// The volumes, and the serving container's mounts, of every engine and router pod: a writable
+/// `/tmp` (the root filesystem is read-only), the model's (`model_volumes`, `model_mounts`), and
+/// an external Redis' CA certificates when it has them.
+pub(crate) fn pod_storage(
+    model_volumes: Vec<Volume>,
+    model_mounts: Vec<VolumeMount>,
+    ca: Option<&SecretKeyRef>,
+) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..VolumeMount::default()
+    }];
+    volumes.extend(model_volumes);
+    mounts.extend(model_mounts);
+    if let Some(ca) = ca {
+        let (v, m) = redis_volume(ca);
+        volumes.push(v);
+        mounts.push(m);
+    }
+    (volumes, mounts)
+}
 
 /// The volume and mount of an external Redis' CA certificates, from their Secret key.
 pub(crate) fn redis_volume(ca: &SecretKeyRef) -> (Volume, VolumeMount) {

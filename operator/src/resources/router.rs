@@ -11,9 +11,8 @@ use k8s_openapi::api::apps::v1::{
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, Lifecycle,
-    LifecycleHandler, PodSpec, PodTemplateSpec, Probe, Service, ServiceAccount, ServicePort,
-    ServiceSpec, SleepAction, Volume, VolumeMount,
+    ConfigMap, Container, ContainerPort, HTTPGetAction, Lifecycle, LifecycleHandler, PodSpec,
+    PodTemplateSpec, Probe, Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -22,8 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::model::{PodKind, model_mount};
 use super::{
     CHAT_TEMPLATE_HASH_ANNOTATION, Ctx, PRESTOP_SLEEP_SECONDS, REDIS_CA_FILE, ROUTER_PORT,
-    config_hash, container_security, env, merge_env, pod_security, redis_volume, secret_env,
-    spread,
+    config_hash, container_security, env, merge_env, pod_security, pod_storage, secret_env, spread,
 };
 
 /// Seconds a stopping router has to finish in-flight streams.
@@ -142,25 +140,13 @@ fn vars(
 /// pod template).
 pub(super) fn deployment(ctx: &Ctx<'_>, chat_template: Option<&ConfigMap>) -> Deployment {
     let r = &ctx.hps.spec.router;
-    let model = model_mount(ctx, PodKind::Router);
+    let mut model = model_mount(ctx, PodKind::Router);
     let (_, _, ca) = ctx.redis_target();
-    let mut mounts = vec![VolumeMount {
-        name: "tmp".into(),
-        mount_path: "/tmp".into(),
-        ..VolumeMount::default()
-    }];
-    mounts.extend(model.mounts);
-    let mut volumes = vec![Volume {
-        name: "tmp".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Volume::default()
-    }];
-    volumes.extend(model.volumes);
-    if let Some(ca) = ca {
-        let (v, m) = redis_volume(ca);
-        volumes.push(v);
-        mounts.push(m);
-    }
+    let (volumes, mounts) = pod_storage(
+        std::mem::take(&mut model.volumes),
+        std::mem::take(&mut model.mounts),
+        ca,
+    );
     let container = Container {
         name: "router".into(),
         image: Some(
