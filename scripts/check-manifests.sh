@@ -96,8 +96,10 @@ done
 echo "check-manifests: examples against the CRD"
 .venv/bin/python scripts/validate-crs.py "$CRD" examples/*.yaml
 # The same check must refuse what the API server refuses, or passing it says nothing: a
-# schema violation (an unknown field) and a CEL rule (a hot-spot factor the router refuses).
-for edit in 's/^  router:$/  router:\n    bogusField: 1/' 's/hotSpotFactor: 2$/hotSpotFactor: 0.5/'; do
+# schema violation (an unknown field), patterns (a claim name that is no DNS name, a
+# quantity that is none) and a CEL rule (a hot-spot factor the router refuses).
+for edit in 's/^  router:$/  router:\n    bogusField: 1/' 's/claimName: models$/claimName: Models_1/' \
+    's/promotionBudget: 256Mi$/promotionBudget: 256 megs/' 's/hotSpotFactor: 2$/hotSpotFactor: 0.5/'; do
     sed "$edit" examples/full.yaml >"$out/refused.yaml"
     if cmp -s examples/full.yaml "$out/refused.yaml"; then
         echo "error: the edit '$edit' changed nothing in examples/full.yaml" >&2

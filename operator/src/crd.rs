@@ -148,7 +148,7 @@ pub enum ModelSource {
 #[serde(rename_all = "camelCase")]
 pub struct PvcSource {
     /// The claim, in the HotPrefixService's namespace.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub claim_name: String,
     /// Path inside the claim of a `.gguf` file or a Hugging Face model directory.
     #[schemars(length(min = 1))]
@@ -163,6 +163,14 @@ pub struct HostPathSource {
     #[schemars(length(min = 2))]
     pub path: String,
 }
+
+/// A Kubernetes quantity (`256Mi`, `20Gi`, `1.5e9`), as the API server parses them, so that a
+/// malformed one is refused at `kubectl apply` rather than reported later.
+const QUANTITY: &str = r"^[+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
+/// A DNS subdomain name (claims, priority and runtime classes).
+const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// An extended resource name: a DNS-subdomain prefix, a slash and a name.
+const QUALIFIED_RESOURCE: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$";
 
 /// A GGUF file downloaded from a URL.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -187,6 +195,7 @@ pub struct UrlSource {
     pub file_name: Option<String>,
     /// Size of each replica's cache volume (a Kubernetes quantity). Default: 20Gi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY))]
     pub cache_size: Option<String>,
     /// StorageClass of the cache volumes. Default: the cluster's default class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -345,7 +354,7 @@ pub struct EngineSpec {
     pub gpus: i32,
     /// Extended resource name of a GPU.
     #[serde(default = "default_gpu_resource")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = QUALIFIED_RESOURCE))]
     pub gpu_resource_name: String,
     /// Compute backend: auto (CUDA when usable, else CPU), cpu, cuda.
     #[serde(default)]
@@ -392,10 +401,12 @@ pub struct EngineSpec {
     pub affinity: Option<Affinity>,
     /// PriorityClass of the engine pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub priority_class_name: Option<String>,
     /// RuntimeClass of the engine pods (e.g. `nvidia` where the GPU runtime is not the
     /// default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub runtime_class_name: Option<String>,
     /// Extra environment variables of the engine container; one named like a variable the
     /// operator sets replaces it (every engine flag is a `HOTPREFIX_*` variable).
@@ -476,6 +487,7 @@ pub struct HotnessSpec {
     /// Bytes one promotion round may move from host to device, a Kubernetes quantity
     /// (`256Mi`; 0: promotion off). Default: 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY))]
     pub promotion_budget: Option<String>,
 }
 
@@ -597,6 +609,7 @@ pub struct RouterSpec {
     pub affinity: Option<Affinity>,
     /// PriorityClass of the router pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub priority_class_name: Option<String>,
     /// Extra environment variables of the router container; one named like a variable the
     /// operator sets replaces it.
@@ -733,6 +746,7 @@ pub struct RedisPersistence {
     pub enabled: bool,
     /// Size of the claim (a Kubernetes quantity). Default: 1Gi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY))]
     pub size: Option<String>,
     /// StorageClass of the claim. Default: the cluster's default class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
