@@ -260,13 +260,13 @@ fn greedy(out: &mut Out) -> Result<()> {
     cases.push((
         "llama-3.1-8b shape, 2 layers",
         &big,
-        KvCopyMode::Kernel,
+        KvCopyMode::Memcpy,
         true,
     ));
     cases.push((
         "llama-3.1-8b shape, 2 layers",
         &big,
-        KvCopyMode::Kernel,
+        KvCopyMode::Memcpy,
         false,
     ));
     for (name, model, kv_copy, layer_overlap) in cases {
@@ -297,7 +297,7 @@ fn greedy(out: &mut Out) -> Result<()> {
                 "DIFFERENT"
             },
         ));
-        if name == "tiny" && kv_copy == KvCopyMode::Kernel && layer_overlap {
+        if name == "tiny" && kv_copy == CudaOptions::default().kv_copy && layer_overlap {
             let agree = g
                 .cold
                 .iter()

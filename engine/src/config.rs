@@ -64,9 +64,9 @@ pub struct EngineArgs {
     /// or mma.
     #[arg(long, env = "HOTPREFIX_CUDA_ATTENTION", default_value = "auto")]
     pub cuda_attention: AttentionChoice,
-    /// CUDA: how host-tier copies move bytes: kernel (a copy kernel reading the pinned arena
-    /// in place) or memcpy (the copy engines).
-    #[arg(long, env = "HOTPREFIX_KV_COPY", default_value = "kernel")]
+    /// CUDA: how host-tier copies move bytes: memcpy (the copy engines) or kernel (a copy
+    /// kernel reading the pinned arena in place).
+    #[arg(long, env = "HOTPREFIX_KV_COPY", default_value = "memcpy")]
     pub kv_copy: KvCopyMode,
     /// CUDA: overlap host-tier loads with compute layer by layer (true or false).
     #[arg(long, env = "HOTPREFIX_LAYER_OVERLAP", default_value_t = true, action = clap::ArgAction::Set)]
@@ -425,7 +425,7 @@ mod tests {
             "--cuda-attention",
             "simple",
             "--kv-copy",
-            "memcpy",
+            "kernel",
             "--layer-overlap",
             "false",
         ])
@@ -434,7 +434,7 @@ mod tests {
             c3.cuda,
             CudaOptions {
                 attention: AttentionChoice::Simple,
-                kv_copy: KvCopyMode::Memcpy,
+                kv_copy: KvCopyMode::Kernel,
                 layer_overlap: false
             }
         );

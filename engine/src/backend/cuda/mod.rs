@@ -120,7 +120,10 @@ impl Default for CudaOptions {
     fn default() -> Self {
         CudaOptions {
             attention: AttentionChoice::Auto,
-            kv_copy: KvCopyMode::Kernel,
+            // The copy engines, as the design asks: they move bytes without taking
+            // multiprocessors from the compute the loads overlap with. The copy kernel stays
+            // selectable; the GPU check's `transfers` and `greedy` sections measure both.
+            kv_copy: KvCopyMode::Memcpy,
             layer_overlap: true,
         }
     }
