@@ -291,7 +291,7 @@ async fn operate(cfg: RunConfig) -> anyhow::Result<()> {
         leader_election = cfg.lease.is_some(),
         "hotprefix-operator starting"
     );
-    let signal = shutdown_signal();
+    let signal = hotprefix_telemetry::shutdown_signal();
     tokio::pin!(signal);
     let mut lock = cfg.lease.as_ref().map(|(ns, name)| {
         LeaseLock::new(
@@ -360,25 +360,4 @@ async fn operate(cfg: RunConfig) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "the HTTP server task failed"),
     }
     outcome
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }

@@ -33,29 +33,13 @@ fn main() -> anyhow::Result<()> {
             replicas = cfg.replicas.len(),
             "routing"
         );
-        let served = server::run(listener, launched.state.clone(), shutdown_signal()).await;
+        let served = server::run(
+            listener,
+            launched.state.clone(),
+            hotprefix_telemetry::shutdown_signal(),
+        )
+        .await;
         launched.stop().await;
         served.context("serving HTTP")
     })
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }

@@ -10,6 +10,9 @@
 //! requests and given to upstream calls, the server span middleware) are the engine's
 //! `telemetry` module, built on this crate; the operator needs none of them, which is why this
 //! crate knows nothing of axum or of HTTP servers.
+//!
+//! It also holds [`shutdown_signal`], the other piece of process setup the three binaries
+//! share.
 
 mod export;
 
@@ -210,6 +213,36 @@ where
         .with_filter(filter_fn(|m| {
             m.target().starts_with("hotprefix") && *m.level() <= Level::INFO
         }))
+}
+
+/// Resolves on SIGINT or SIGTERM (Ctrl-C, or Kubernetes stopping the pod): what every binary's
+/// graceful shutdown waits for. A signal that cannot be listened for is logged and never
+/// fires, so the other one still can.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
 }
 
 #[cfg(test)]
